@@ -1,0 +1,628 @@
+"""Sparkify data lake ETL: song and event JSON in, a star schema of parquet tables out.
+
+    python etl.py [--config FILE] [--input ROOT] [--output ROOT] [--verbose]
+    spark-submit [--master ...] etl.py [same flags]
+
+Reads ``ROOT/song_data/`` and ``ROOT/log_data/``, builds songplays (fact), users, songs,
+artists and time, and writes them to ``OUTPUT/<table>/`` as parquet. Records that
+cannot be used are kept, with their source file and the reason, under
+``OUTPUT/_quarantine/``. The contract is SPEC.md; README.md shows how to run it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import configparser
+import logging
+import os
+import shlex
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Mapping, Sequence
+from urllib.parse import urlparse
+
+from pyspark.sql import Column, DataFrame, Observation, SparkSession
+from pyspark.sql import functions as F
+from pyspark.sql import types as T
+
+__version__ = "1.0.0"
+
+log = logging.getLogger("sparkify.etl")
+
+# =============================================================================
+# Settings: built-in defaults < dl.cfg < environment < command-line flags
+# =============================================================================
+
+HERE = Path(__file__).resolve().parent
+DEFAULT_INPUT = HERE / "data" / "sample"
+DEFAULT_OUTPUT = "output"
+DEFAULT_CONFIG = "dl.cfg"
+
+# Every key dl.cfg may hold, by section; dl.cfg.example documents each one.
+CONFIG_KEYS = {
+    "AWS": ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_REGION",
+            "AWS_ENDPOINT_URL_S3"),
+    "ETL": ("INPUT", "OUTPUT"),
+}
+
+
+class EtlError(Exception):
+    """A failure the user can act on; its message is the whole paragraph they are shown."""
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Everything one run needs to know, resolved once."""
+
+    input_root: str
+    output_root: str
+    access_key_id: str | None = None
+    secret_access_key: str | None = field(default=None, repr=False)
+    session_token: str | None = field(default=None, repr=False)
+    region: str | None = None
+    endpoint_url: str | None = None
+
+
+def read_config_file(path: Path) -> dict[str, str]:
+    """The keys of a dl.cfg file as ``{"SECTION.KEY": value}``, empty values left out."""
+    parser = configparser.ConfigParser(interpolation=None)
+    parser.optionxform = str.upper  # keys are case-insensitive, as in the AWS docs
+    try:
+        with open(path, encoding="utf-8") as handle:
+            parser.read_file(handle)
+    except OSError as error:
+        raise EtlError(f"Cannot read the config file {path}: {error.strerror}. Pass an existing "
+                       "file with --config, or copy dl.cfg.example to dl.cfg.") from None
+    except configparser.Error as error:
+        reason = str(error).splitlines()[0]
+        raise EtlError(f"The config file {path} is not a valid INI file ({reason}). "
+                       "See dl.cfg.example for its layout.") from None
+    values = {}
+    for section in parser.sections():
+        known = CONFIG_KEYS.get(section.upper())
+        if known is None:
+            raise EtlError(f"The config file {path} has an unknown section [{section}]; "
+                           f"the known sections are {', '.join(CONFIG_KEYS)} (see dl.cfg.example).")
+        for key, value in parser.items(section):
+            if key not in known:
+                raise EtlError(f"The config file {path} has an unknown key {key} in [{section}]; "
+                               f"that section takes {', '.join(known)} (see dl.cfg.example).")
+            if value.strip():
+                values[f"{section.upper()}.{key}"] = value.strip()
+    return values
+
+
+def resolve_settings(args: argparse.Namespace, environ: Mapping[str, str]) -> Settings:
+    """Merge defaults, dl.cfg, environment and flags, the later winning."""
+    if args.config is not None:
+        config = read_config_file(Path(args.config))
+    elif Path(DEFAULT_CONFIG).is_file():
+        config = read_config_file(Path(DEFAULT_CONFIG))
+    else:
+        config = {}
+
+    # The key, secret and token belong together: take all three from the first source
+    # that names a key, so a key from one place never pairs with a secret from another.
+    credential_names = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN")
+    if environ.get("AWS_ACCESS_KEY_ID"):
+        key_id, secret, token = (environ.get(name) or None for name in credential_names)
+    else:
+        key_id, secret, token = (config.get(f"AWS.{name}") for name in credential_names)
+    if bool(key_id) != bool(secret):
+        raise EtlError("AWS credentials are incomplete: AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY "
+                       "must be given together (in dl.cfg [AWS] or the environment), or neither, to "
+                       "use the default AWS credential chain.")
+
+    def first(*candidates: str | None) -> str | None:
+        return next((value for value in candidates if value), None)
+
+    return Settings(
+        input_root=to_uri(first(args.input, config.get("ETL.INPUT"), str(DEFAULT_INPUT))),
+        output_root=to_uri(first(args.output, config.get("ETL.OUTPUT"), DEFAULT_OUTPUT)),
+        access_key_id=key_id,
+        secret_access_key=secret,
+        session_token=token,
+        region=first(environ.get("AWS_REGION"), environ.get("AWS_DEFAULT_REGION"),
+                     config.get("AWS.AWS_REGION")),
+        endpoint_url=first(environ.get("AWS_ENDPOINT_URL_S3"), environ.get("AWS_ENDPOINT_URL"),
+                           config.get("AWS.AWS_ENDPOINT_URL_S3")),
+    )
+
+
+def to_uri(root: str) -> str:
+    """A root as a URI without a trailing slash: local folders become absolute file:// URIs."""
+    scheme = urlparse(root).scheme
+    if scheme in ("s3", "s3a"):
+        return "s3a://" + root.split("://", 1)[1].rstrip("/")
+    if scheme == "file":
+        return "file://" + str(Path(urlparse(root).path).resolve())
+    if scheme:
+        raise EtlError(f"Unsupported location {root!r}: use a local folder, a file:// URI or an "
+                       "s3a:// (or s3://) URI.")
+    return Path(root).resolve().as_uri()
+
+
+def table_path(root: str, name: str) -> str:
+    return f"{root}/{name}"
+
+
+# =============================================================================
+# Spark session
+# =============================================================================
+
+def launched_with_master() -> bool:
+    """True under spark-submit, or when PYSPARK_SUBMIT_ARGS names a master."""
+    if "PYSPARK_GATEWAY_PORT" in os.environ:  # set by spark-submit for the Python driver
+        return True
+    return "--master" in shlex.split(os.environ.get("PYSPARK_SUBMIT_ARGS", ""))
+
+
+def build_spark_session(settings: Settings) -> SparkSession:
+    """The one session of a run: UTC, tiny files packed into few read tasks."""
+    builder = (
+        SparkSession.builder.appName("sparkify-etl")
+        .config("spark.sql.session.timeZone", "UTC")
+        # Opening a file costs about as much as reading 64 KB of it, not the 4 MB Spark
+        # assumes: this packs thousands of one-record song files into each read task.
+        .config("spark.sql.files.openCostInBytes", str(64 * 1024))
+        .config("spark.ui.showConsoleProgress", "false")
+    )
+    if settings.output_root.startswith("file://"):
+        # Without Hadoop's native library every local file and folder Spark creates costs
+        # a forked chmod; the checksummed local filesystem doubles that with a .crc file
+        # per file. Thousands of partition files make this most of the run time.
+        builder = (builder.config("spark.hadoop.fs.file.impl", "org.apache.hadoop.fs.RawLocalFileSystem")
+                   .config("spark.hadoop.fs.file.impl.disable.cache", "true"))
+    if not launched_with_master():
+        builder = builder.master("local[*]")
+    spark = builder.getOrCreate()
+    spark.sparkContext.setLogLevel("WARN")
+    return spark
+
+
+# =============================================================================
+# Schemas: explicit for every read; text where real data has numbers in text fields
+# =============================================================================
+
+CORRUPT_RECORD = "_corrupt_record"
+
+SONG_SCHEMA = T.StructType([
+    T.StructField("song_id", T.StringType()),
+    T.StructField("title", T.StringType()),  # sometimes a JSON number: read as its text
+    T.StructField("artist_id", T.StringType()),
+    T.StructField("artist_name", T.StringType()),  # sometimes a JSON number too
+    T.StructField("artist_location", T.StringType()),
+    T.StructField("artist_latitude", T.DoubleType()),
+    T.StructField("artist_longitude", T.DoubleType()),
+    T.StructField("duration", T.DoubleType()),
+    T.StructField("year", T.IntegerType()),
+    T.StructField("num_songs", T.IntegerType()),
+])
+
+LOG_SCHEMA = T.StructType([
+    T.StructField("ts", T.LongType()),  # epoch milliseconds, UTC
+    T.StructField("userId", T.StringType()),  # "" when logged out
+    T.StructField("firstName", T.StringType()),
+    T.StructField("lastName", T.StringType()),
+    T.StructField("gender", T.StringType()),
+    T.StructField("level", T.StringType()),
+    T.StructField("location", T.StringType()),
+    T.StructField("userAgent", T.StringType()),
+    T.StructField("page", T.StringType()),
+    T.StructField("song", T.StringType()),
+    T.StructField("artist", T.StringType()),
+    T.StructField("length", T.DoubleType()),
+    T.StructField("sessionId", T.LongType()),
+    T.StructField("itemInSession", T.LongType()),
+    T.StructField("auth", T.StringType()),
+    T.StructField("method", T.StringType()),
+    T.StructField("status", T.IntegerType()),
+    T.StructField("registration", T.DoubleType()),
+])
+
+QUARANTINE_COLUMNS = ("source_file", "reject_reason", "record")
+
+
+# =============================================================================
+# Extract
+# =============================================================================
+
+def read_json_records(spark: SparkSession, root: str, schema: T.StructType) -> DataFrame:
+    """Every *.json file under ``root`` in one recursive listing, parsed with ``schema``.
+
+    A line that is not JSON, or holds a value of the wrong type, keeps its text in
+    ``_corrupt_record``; ``source_file`` names the file each record came from.
+    """
+    return (
+        spark.read.schema(T.StructType([*schema.fields, T.StructField(CORRUPT_RECORD, T.StringType())]))
+        .option("mode", "PERMISSIVE")
+        .option("columnNameOfCorruptRecord", CORRUPT_RECORD)
+        .option("recursiveFileLookup", "true")
+        .option("pathGlobFilter", "*.json")
+        .json(root)
+        .withColumn("source_file", F.col("_metadata.file_path"))
+    )
+
+
+def check_input_present(settings: Settings) -> None:
+    """Fail before Spark starts when a local input dataset is missing or holds no JSON."""
+    if not settings.input_root.startswith("file://"):
+        return
+    root = Path(urlparse(settings.input_root).path)
+    for dataset in ("song_data", "log_data"):
+        folder = root / dataset
+        if not folder.is_dir():
+            raise EtlError(f"The input root {root} has no {dataset}/ folder. Point --input (or "
+                           "[ETL] INPUT in dl.cfg) at the folder that holds song_data/ and log_data/.")
+        if not any(path.stat().st_size for path in folder.rglob("*.json")):
+            raise EtlError(f"{folder} holds no non-empty .json files, so there is nothing to load. "
+                           "Check that --input points at a complete copy of the dataset.")
+
+
+# =============================================================================
+# Transform: pure functions, DataFrames in, DataFrames out
+# =============================================================================
+
+def _reject_reason(*rules: tuple[Column, str]) -> Column:
+    """The first reason whose rule holds, after the two the JSON parser decides, else null."""
+    corrupt = F.col(CORRUPT_RECORD)
+    reason = (F.when(corrupt.isNotNull() & F.from_json(corrupt, "map<string,string>").isNull(),
+                     "malformed JSON")
+              .when(corrupt.isNotNull(), "a field has the wrong type"))
+    for rule, text in rules:
+        reason = reason.when(rule, text)
+    return reason
+
+
+def classify_song_records(records: DataFrame) -> DataFrame:
+    """Song records with ``reject_reason`` set on the ones no table can use."""
+    return records.withColumn("reject_reason", _reject_reason(
+        (F.coalesce(F.trim("song_id"), F.lit("")) == "", "missing song_id"),
+        (F.coalesce(F.trim("artist_id"), F.lit("")) == "", "missing artist_id"),
+    ))
+
+
+def classify_log_events(events: DataFrame) -> DataFrame:
+    """Log events with ``reject_reason`` set on the ones no table can use."""
+    logged_in = F.col("userId") != ""
+    return events.withColumn("reject_reason", _reject_reason(
+        (F.col("ts").isNull(), "missing ts"),
+        (F.col("page").isNull(), "missing page"),
+        (F.col("userId").isNull(), "missing userId"),
+        # Digits only, and few enough to fit the int user_id column.
+        (logged_in & ~F.col("userId").rlike(r"^[0-9]{1,9}$"), "userId is not a number"),
+        ((F.col("page") == "NextSong") & ~logged_in, "NextSong event without a userId"),
+        ((F.col("page") == "NextSong") & (F.col("sessionId").isNull() | F.col("itemInSession").isNull()),
+         "NextSong event without sessionId or itemInSession"),
+    ))
+
+
+def quarantine_records(classified: DataFrame) -> DataFrame:
+    """Rejected records with their file, their reason and their text."""
+    parsed = classified.drop(CORRUPT_RECORD, "source_file", "reject_reason")
+    return (
+        classified.where(F.col("reject_reason").isNotNull())
+        .select("source_file", "reject_reason",
+                F.coalesce(F.col(CORRUPT_RECORD), F.to_json(F.struct(*parsed.columns))).alias("record"))
+    )
+
+
+def accepted_records(classified: DataFrame) -> DataFrame:
+    return classified.where(F.col("reject_reason").isNull()).drop(CORRUPT_RECORD, "reject_reason")
+
+
+def songs_table(songs: DataFrame) -> DataFrame:
+    """One row per song_id; a song_id seen twice keeps its smallest record."""
+    picked = songs.groupBy("song_id").agg(F.min(F.struct("title", "artist_id", "year", "duration")).alias("r"))
+    return picked.select(
+        "song_id",
+        F.col("r.title").alias("title"),
+        F.col("r.artist_id").alias("artist_id"),
+        F.col("r.year").cast("int").alias("year"),
+        F.col("r.duration").cast("double").alias("duration"),
+    )
+
+
+def artists_table(songs: DataFrame) -> DataFrame:
+    """One row per artist_id, every column from one song record: the most complete, then
+    the one with the smallest song_id, so spellings are never mixed and reruns agree."""
+    def known(column: str) -> Column:
+        return F.when(F.col(column).isNotNull() & (F.col(column).cast("string") != ""), 1).otherwise(0)
+
+    completeness = (known("artist_name") + known("artist_location")
+                    + known("artist_latitude") + known("artist_longitude"))
+    ranked = songs.select(
+        "artist_id",
+        F.struct((-completeness).alias("rank"), "song_id", "artist_name", "artist_location",
+                 "artist_latitude", "artist_longitude").alias("record"),
+    )
+    picked = ranked.groupBy("artist_id").agg(F.min("record").alias("r"))
+    return picked.select(
+        "artist_id",
+        F.col("r.artist_name").alias("name"),
+        F.col("r.artist_location").alias("location"),
+        F.col("r.artist_latitude").cast("double").alias("latitude"),
+        F.col("r.artist_longitude").cast("double").alias("longitude"),
+    )
+
+
+def song_matches(songs: DataFrame) -> DataFrame:
+    """For each (title, artist_name, duration): the song with the smallest song_id."""
+    picked = (songs.groupBy("title", "artist_name", "duration")
+              .agg(F.min(F.struct("song_id", "artist_id")).alias("match")))
+    return picked.select("title", "artist_name", "duration",
+                         F.col("match.song_id").alias("song_id"),
+                         F.col("match.artist_id").alias("artist_id"))
+
+
+def users_table(events: DataFrame) -> DataFrame:
+    """One row per logged-in user, named and levelled by their latest event."""
+    latest = (
+        events.where(F.col("userId") != "")
+        .groupBy("userId")
+        .agg(F.max(F.struct("ts", "sessionId", "itemInSession", "firstName", "lastName",
+                            "gender", "level")).alias("latest"))
+    )
+    return latest.select(
+        F.col("userId").cast("int").alias("user_id"),
+        F.col("latest.firstName").alias("first_name"),
+        F.col("latest.lastName").alias("last_name"),
+        F.col("latest.gender").alias("gender"),
+        F.col("latest.level").alias("level"),
+    )
+
+
+def distinct_plays(events: DataFrame) -> DataFrame:
+    """One row per NextSong event; an event delivered twice keeps one copy."""
+    key = ("user_id", "session_id", "item_in_session", "ts")
+    plays = events.where(F.col("page") == "NextSong").select(
+        F.col("userId").cast("int").alias("user_id"),
+        F.col("sessionId").alias("session_id"),
+        F.col("itemInSession").alias("item_in_session"),
+        "ts",
+        F.struct("level", "song", "artist", "length", "location", "userAgent").alias("details"),
+    )
+    # min() rather than dropDuplicates(): if two copies ever differ, the same one wins every run.
+    return plays.groupBy(*key).agg(F.min("details").alias("d")).select(*key, "d.*")
+
+
+def utc_calendar(timestamp: Column) -> dict[str, Column]:
+    """Hour, day, ISO week, month, year and ISO weekday of an instant, in UTC.
+
+    Computed from epoch seconds and dates, which carry no time zone, so the result is
+    the same whatever the session or machine time zone is.
+    """
+    seconds = timestamp.cast("long")
+    utc_date = F.date_from_unix_date(F.floor(seconds / 86400).cast("int"))
+    return {
+        "hour": F.pmod(F.floor(seconds / 3600), F.lit(24)).cast("int"),
+        "day": F.dayofmonth(utc_date),
+        "week": F.weekofyear(utc_date),  # ISO-8601: weeks start on Monday
+        "month": F.month(utc_date),
+        "year": F.year(utc_date),
+        "weekday": (F.pmod(F.dayofweek(utc_date) + 5, F.lit(7)) + 1).cast("int"),  # Monday 1 .. Sunday 7
+    }
+
+
+def songplay_id(user_id: Column, session_id: Column, item_in_session: Column, ts: Column) -> Column:
+    """A deterministic id from the event's identity: the same event gets it on every run."""
+    return F.md5(F.concat_ws("|", user_id, session_id, item_in_session, ts))
+
+
+def songplays_table(plays: DataFrame, matches: DataFrame) -> DataFrame:
+    """The fact table: every play, with its song and artist when the catalogue has them."""
+    calendar = utc_calendar(F.col("start_time"))
+    matched = plays.join(
+        F.broadcast(matches),
+        on=[plays.song == matches.title, plays.artist == matches.artist_name,
+            plays.length == matches.duration],
+        how="left",
+    )
+    return (
+        matched
+        .withColumn("start_time", F.timestamp_millis(F.col("ts")))
+        .select(
+            songplay_id(F.col("user_id"), F.col("session_id"), F.col("item_in_session"), F.col("ts"))
+            .alias("songplay_id"),
+            "start_time",
+            F.col("user_id").cast("int").alias("user_id"),
+            "level",
+            "song_id",
+            "artist_id",
+            F.col("session_id").cast("long").alias("session_id"),
+            "location",
+            F.col("userAgent").alias("user_agent"),
+            calendar["year"].alias("year"),
+            calendar["month"].alias("month"),
+        )
+    )
+
+
+def time_table(songplays: DataFrame) -> DataFrame:
+    """One row per distinct songplays start_time, with its UTC calendar parts."""
+    calendar = utc_calendar(F.col("start_time"))
+    return songplays.select("start_time").distinct().select(
+        "start_time", *(calendar[part].alias(part) for part in
+                        ("hour", "day", "week", "month", "year", "weekday"))
+    )
+
+
+# =============================================================================
+# Load
+# =============================================================================
+
+@dataclass(frozen=True)
+class TableSpec:
+    name: str
+    partition_by: tuple[str, ...] = ()
+    sort_by: tuple[str, ...] = ()
+
+
+SONGS = TableSpec("songs", ("year", "artist_id"), ("song_id",))
+ARTISTS = TableSpec("artists", (), ("artist_id",))
+USERS = TableSpec("users", (), ("user_id",))
+TIME = TableSpec("time", ("year", "month"), ("start_time",))
+SONGPLAYS = TableSpec("songplays", ("year", "month"), ("start_time", "songplay_id"))
+
+
+def write_table(table: DataFrame, spec: TableSpec, output_root: str) -> int:
+    """Write one table as parquet, one file per partition folder; return its row count."""
+    spark = table.sparkSession
+    if spec.partition_by:
+        # Every row of a partition folder goes to the same task, so each folder gets one
+        # file; a fixed task count keeps AQE from merging the writes onto one core.
+        writers = spark.sparkContext.defaultParallelism * 2
+        arranged = table.repartition(writers, *spec.partition_by)
+    else:
+        arranged = table.repartition(1)
+    rows = Observation()  # counted while writing, at no extra job
+    (
+        arranged.observe(rows, F.count(F.lit(1)).alias("rows"))
+        .sortWithinPartitions(*spec.partition_by, *spec.sort_by)
+        .write.mode("overwrite")
+        .partitionBy(*spec.partition_by)
+        .parquet(table_path(output_root, spec.name))
+    )
+    count = rows.get["rows"]
+    log.info("wrote %s: %d rows", spec.name, count)
+    return count
+
+
+def write_quarantine(rejected: DataFrame, dataset: str, output_root: str) -> None:
+    """Keep rejected records as JSON lines under ``_quarantine/<dataset>/``."""
+    (rejected.repartition(1).sortWithinPartitions(*QUARANTINE_COLUMNS)
+     .write.mode("overwrite").json(table_path(output_root, f"_quarantine/{dataset}")))
+
+
+# =============================================================================
+# Stages
+# =============================================================================
+
+@dataclass
+class StageReport:
+    name: str
+    seconds: float = 0.0
+    rows: dict[str, int] = field(default_factory=dict)
+    rejects: dict[str, int] = field(default_factory=dict)
+
+
+def load_and_classify(spark: SparkSession, root: str, dataset: str, schema: T.StructType,
+                      classify) -> tuple[DataFrame, DataFrame, dict[str, int]]:
+    """Read a dataset once and split it: (accepted, rejected, rejects by reason)."""
+    classified = classify(read_json_records(spark, table_path(root, dataset), schema)).persist()
+    # One pass fills the cache and counts the outcome of every record.
+    outcome = {row["reject_reason"]: row["count"]
+               for row in classified.groupBy("reject_reason").count().collect()}
+    accepted = outcome.pop(None, 0)
+    if not accepted:
+        raise EtlError(f"No usable records in {table_path(root, dataset)} ({sum(outcome.values())} "
+                       "rejected, see the quarantine). Check that the input is the Sparkify dataset.")
+    log.info("read %s: %d records accepted, %d quarantined", dataset, accepted, sum(outcome.values()))
+    return accepted_records(classified), quarantine_records(classified), outcome
+
+
+def process_song_data(spark: SparkSession, input_root: str, output_root: str) -> tuple[DataFrame, StageReport]:
+    """Read song_data once; write songs and artists; return the song records for matching."""
+    started = time.monotonic()
+    report = StageReport("process_song_data")
+    songs, rejected, report.rejects = load_and_classify(
+        spark, input_root, "song_data", SONG_SCHEMA, classify_song_records)
+    write_quarantine(rejected, "song_data", output_root)
+    report.rows["songs"] = write_table(songs_table(songs), SONGS, output_root)
+    report.rows["artists"] = write_table(artists_table(songs), ARTISTS, output_root)
+    report.seconds = time.monotonic() - started
+    return songs, report
+
+
+def process_log_data(spark: SparkSession, input_root: str, output_root: str,
+                     songs: DataFrame) -> StageReport:
+    """Read log_data once; write users, songplays and time."""
+    started = time.monotonic()
+    report = StageReport("process_log_data")
+    events, rejected, report.rejects = load_and_classify(
+        spark, input_root, "log_data", LOG_SCHEMA, classify_log_events)
+    write_quarantine(rejected, "log_data", output_root)
+    report.rows["users"] = write_table(users_table(events), USERS, output_root)
+    songplays = songplays_table(distinct_plays(events), song_matches(songs)).persist()
+    report.rows["songplays"] = write_table(songplays, SONGPLAYS, output_root)
+    report.rows["time"] = write_table(time_table(songplays), TIME, output_root)
+    songplays.unpersist()
+    report.seconds = time.monotonic() - started
+    return report
+
+
+def run(spark: SparkSession, settings: Settings) -> list[StageReport]:
+    songs, song_report = process_song_data(spark, settings.input_root, settings.output_root)
+    log_report = process_log_data(spark, settings.input_root, settings.output_root, songs)
+    return [song_report, log_report]
+
+
+def summary(reports: Sequence[StageReport], output_root: str) -> str:
+    """The closing summary: rows per table, records quarantined, seconds per stage."""
+    lines = [f"Sparkify ETL finished: tables in {output_root}/"]
+    for report in reports:
+        for table, rows in report.rows.items():
+            lines.append(f"  {table:<10} {rows:>12,} rows")
+    for report, dataset in zip(reports, ("song_data", "log_data")):
+        quarantined = sum(report.rejects.values())
+        detail = ", ".join(f"{reason}: {count}" for reason, count in sorted(report.rejects.items()))
+        where = f" -> {output_root}/_quarantine/{dataset}/ ({detail})" if quarantined else ""
+        lines.append(f"  quarantined from {dataset}: {quarantined:,}{where}")
+    for report in reports:
+        lines.append(f"  {report.name:<18} {report.seconds:8.1f} s")
+    lines.append(f"  {'total':<18} {sum(r.seconds for r in reports):8.1f} s")
+    return "\n".join(lines)
+
+
+# =============================================================================
+# CLI
+# =============================================================================
+
+def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        prog="etl.py",
+        description="Build the Sparkify star schema (songplays, users, songs, artists, time) "
+                    "as parquet from song_data/ and log_data/ JSON.",
+    )
+    parser.add_argument("--config", metavar="FILE",
+                        help=f"INI settings file (default: ./{DEFAULT_CONFIG} when present)")
+    parser.add_argument("--input", metavar="ROOT",
+                        help="folder or s3a:// URI holding song_data/ and log_data/ "
+                             "(default: the sample dataset in data/sample)")
+    parser.add_argument("--output", metavar="ROOT",
+                        help=f"folder or s3a:// URI for the tables (default: ./{DEFAULT_OUTPUT})")
+    parser.add_argument("--verbose", action="store_true",
+                        help="log every step and show full stack traces on failure")
+    return parser.parse_args(argv)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parse_args(argv)
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        settings = resolve_settings(args, os.environ)
+        check_input_present(settings)
+        spark = build_spark_session(settings)
+        try:
+            reports = run(spark, settings)
+        finally:
+            spark.stop()
+    except EtlError as error:
+        print(f"etl.py: {error}", file=sys.stderr)
+        return 1
+    except Exception as error:  # Spark and Java errors: one line unless --verbose
+        if args.verbose:
+            raise
+        headline = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        print(f"etl.py: the run failed: {headline}\nRun again with --verbose for the full trace.",
+              file=sys.stderr)
+        return 1
+    print(summary(reports, settings.output_root))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

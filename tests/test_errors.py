@@ -1,0 +1,125 @@
+"""Each clear-error path: one paragraph naming the problem and the fix, a non-zero exit,
+no stack trace. All of these fail before Spark starts, so they run in-process."""
+
+from __future__ import annotations
+
+import argparse
+import re
+from pathlib import Path
+
+import pytest
+
+import etl
+from conftest import run_etl
+
+
+@pytest.fixture(autouse=True)
+def clean_environment(monkeypatch, tmp_path):
+    """No dl.cfg in the working folder and no AWS settings from the machine."""
+    monkeypatch.chdir(tmp_path)
+    for name in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_REGION",
+                 "AWS_DEFAULT_REGION", "AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3"):
+        monkeypatch.delenv(name, raising=False)
+
+
+def fails_with(capsys, argv: list[str], pattern: str) -> str:
+    assert etl.main(argv) == 1
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    assert err.startswith("etl.py: ") and err.count("\n") == 1, err
+    assert re.search(pattern, err), err
+    return err
+
+
+def test_missing_input_root_names_the_missing_folder(capsys, tmp_path):
+    fails_with(capsys, ["--input", str(tmp_path / "nowhere")],
+               r"has no song_data/ folder\. Point --input")
+
+
+def test_input_without_json_files_is_refused(capsys, tmp_path):
+    (tmp_path / "in" / "song_data" / "A").mkdir(parents=True)
+    (tmp_path / "in" / "log_data").mkdir(parents=True)
+    (tmp_path / "in" / "song_data" / "A" / "empty.json").write_text("")
+    fails_with(capsys, ["--input", str(tmp_path / "in")], r"song_data holds no non-empty \.json files")
+
+
+def test_missing_config_file_is_named(capsys, tmp_path):
+    fails_with(capsys, ["--config", str(tmp_path / "absent.cfg")],
+               r"Cannot read the config file .*absent\.cfg: No such file or directory")
+
+
+def test_config_file_that_is_not_ini_is_refused(capsys, tmp_path):
+    bad = tmp_path / "dl.cfg"
+    bad.write_text("AWS_ACCESS_KEY_ID = AKIDEXAMPLE\n")
+    fails_with(capsys, [], r"dl\.cfg is not a valid INI file .*See dl\.cfg\.example")
+
+
+def test_config_file_with_unknown_key_is_refused(capsys, tmp_path):
+    (tmp_path / "my.cfg").write_text("[AWS]\nAWS_ACCES_KEY_ID = x\n")
+    fails_with(capsys, ["--config", "my.cfg"], r"unknown key AWS_ACCES_KEY_ID in \[AWS\]")
+
+
+def test_key_without_secret_is_refused_without_showing_the_key(capsys, tmp_path):
+    (tmp_path / "dl.cfg").write_text("[AWS]\nAWS_ACCESS_KEY_ID = AKIDEXAMPLE123\n")
+    err = fails_with(capsys, [], r"AWS credentials are incomplete")
+    assert "AKIDEXAMPLE123" not in err
+
+
+def test_unsupported_scheme_is_refused(capsys):
+    fails_with(capsys, ["--output", "hdfs://namenode/out"], r"Unsupported location 'hdfs://namenode/out'")
+
+
+def test_unknown_flag_exits_with_usage(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        etl.main(["--inptu", "data"])
+    assert exit_info.value.code == 2
+    assert "unrecognized arguments: --inptu" in capsys.readouterr().err
+
+
+def test_cli_failure_prints_no_stack_trace(tmp_path):
+    result = run_etl("--input", str(tmp_path / "missing"), cwd=tmp_path)
+    assert result.returncode == 1
+    assert "Traceback" not in result.stderr and "has no song_data/ folder" in result.stderr
+
+
+# --- settings precedence: defaults < dl.cfg < environment < flags --------------
+
+def settings_for(argv: list[str], environ: dict) -> etl.Settings:
+    return etl.resolve_settings(etl.parse_args(argv), environ)
+
+
+def test_settings_defaults_read_the_sample_and_write_to_output(tmp_path):
+    settings = settings_for([], {})
+    assert settings.input_root == (etl.HERE / "data" / "sample").as_uri()
+    assert settings.output_root == (tmp_path / "output").as_uri()
+    assert settings.access_key_id is None and settings.endpoint_url is None
+
+
+def test_settings_precedence_config_then_environment_then_flags(tmp_path):
+    (tmp_path / "dl.cfg").write_text(
+        "[AWS]\naws_access_key_id = CFGKEY\nAWS_SECRET_ACCESS_KEY = cfgsecret\nAWS_REGION = eu-west-1\n"
+        "[ETL]\nINPUT = s3://udacity-dend/\nOUTPUT = s3a://lake/cfg/\n")
+    from_config = settings_for([], {})
+    assert (from_config.input_root, from_config.output_root) == ("s3a://udacity-dend", "s3a://lake/cfg")
+    assert (from_config.access_key_id, from_config.secret_access_key, from_config.region) == (
+        "CFGKEY", "cfgsecret", "eu-west-1")
+
+    environ = {"AWS_ACCESS_KEY_ID": "ENVKEY", "AWS_SECRET_ACCESS_KEY": "envsecret",
+               "AWS_DEFAULT_REGION": "us-west-2", "AWS_ENDPOINT_URL": "http://127.0.0.1:9000"}
+    from_env = settings_for([], environ)
+    assert (from_env.access_key_id, from_env.secret_access_key, from_env.session_token) == (
+        "ENVKEY", "envsecret", None)
+    assert (from_env.region, from_env.endpoint_url) == ("us-west-2", "http://127.0.0.1:9000")
+
+    from_flags = settings_for(["--output", "file:///tmp/lake", "--input", "in"], environ)
+    assert (from_flags.input_root, from_flags.output_root) == ((tmp_path / "in").as_uri(), "file:///tmp/lake")
+
+
+def test_settings_repr_hides_secrets():
+    settings = etl.Settings("file:///in", "file:///out", "KEY", "very-secret", "token-value")
+    assert "very-secret" not in repr(settings) and "token-value" not in repr(settings)
+
+
+def test_parse_args_accepts_the_documented_flags():
+    args = etl.parse_args(["--config", "x.cfg", "--input", "i", "--output", "o", "--verbose"])
+    assert args == argparse.Namespace(config="x.cfg", input="i", output="o", verbose=True)
