@@ -258,7 +258,8 @@ def generate(root: str | Path, scale: Scale = Scale(), seed: int = 42, corrupt: 
     root = Path(root)
     songs = _song_records(rng, scale)
     for record in songs:
-        track_id = _random_id(rng, "TR")
+        # Like the Million Song subset: folders A/<A-Z>/<A-Z>, so about 700 leaf folders.
+        track_id = "TRA" + "".join(rng.choice(string.ascii_uppercase) for _ in range(2)) + _random_id(rng, "")[:13]
         folder = root / "song_data" / track_id[2] / track_id[3] / track_id[4]
         folder.mkdir(parents=True, exist_ok=True)
         (folder / f"{track_id}.json").write_text(_dump(record, rng))

@@ -15,10 +15,11 @@ import argparse
 import configparser
 import logging
 import os
+import re
 import shlex
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Mapping, Sequence
 from urllib.parse import urlparse
@@ -45,7 +46,9 @@ CONFIG_KEYS = {
     "AWS": ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_REGION",
             "AWS_ENDPOINT_URL_S3"),
     "ETL": ("INPUT", "OUTPUT"),
+    "SPARK": ("PACKAGES", "S3A_COMMITTER"),
 }
+S3A_COMMITTERS = ("magic", "directory", "partitioned", "file")
 
 
 class EtlError(Exception):
@@ -63,6 +66,11 @@ class Settings:
     session_token: str | None = field(default=None, repr=False)
     region: str | None = None
     endpoint_url: str | None = None
+    packages: str | None = None  # Maven coordinates to add; None: worked out from the installed Spark
+    s3a_committer: str = "magic"
+
+    def uses_s3(self) -> bool:
+        return any(root.startswith(("s3a://", "s3://")) for root in (self.input_root, self.output_root))
 
 
 def read_config_file(path: Path) -> dict[str, str]:
@@ -118,6 +126,10 @@ def resolve_settings(args: argparse.Namespace, environ: Mapping[str, str]) -> Se
     def first(*candidates: str | None) -> str | None:
         return next((value for value in candidates if value), None)
 
+    committer = config.get("SPARK.S3A_COMMITTER", "magic").lower()
+    if committer not in S3A_COMMITTERS:
+        raise EtlError(f"[SPARK] S3A_COMMITTER = {committer} is not an S3A committer; use one of "
+                       f"{', '.join(S3A_COMMITTERS)} (see dl.cfg.example).")
     return Settings(
         input_root=to_uri(first(args.input, config.get("ETL.INPUT"), str(DEFAULT_INPUT))),
         output_root=to_uri(first(args.output, config.get("ETL.OUTPUT"), DEFAULT_OUTPUT)),
@@ -128,6 +140,8 @@ def resolve_settings(args: argparse.Namespace, environ: Mapping[str, str]) -> Se
                      config.get("AWS.AWS_REGION")),
         endpoint_url=first(environ.get("AWS_ENDPOINT_URL_S3"), environ.get("AWS_ENDPOINT_URL"),
                            config.get("AWS.AWS_ENDPOINT_URL_S3")),
+        packages=config.get("SPARK.PACKAGES"),
+        s3a_committer=committer,
     )
 
 
@@ -135,9 +149,11 @@ def to_uri(root: str) -> str:
     """A root as a URI without a trailing slash: local folders become absolute file:// URIs."""
     scheme = urlparse(root).scheme
     if scheme in ("s3", "s3a"):
-        return "s3a://" + root.split("://", 1)[1].rstrip("/")
+        if not urlparse(root).netloc:
+            raise EtlError(f"{root!r} names no bucket: write s3a://BUCKET/PREFIX.")
+        return f"{scheme}://" + root.split("://", 1)[1].rstrip("/")
     if scheme == "file":
-        return "file://" + str(Path(urlparse(root).path).resolve())
+        return Path(urlparse(root).path).resolve().as_uri()
     if scheme:
         raise EtlError(f"Unsupported location {root!r}: use a local folder, a file:// URI or an "
                        "s3a:// (or s3://) URI.")
@@ -152,15 +168,94 @@ def table_path(root: str, name: str) -> str:
 # Spark session
 # =============================================================================
 
-def launched_with_master() -> bool:
-    """True under spark-submit, or when PYSPARK_SUBMIT_ARGS names a master."""
-    if "PYSPARK_GATEWAY_PORT" in os.environ:  # set by spark-submit for the Python driver
-        return True
-    return "--master" in shlex.split(os.environ.get("PYSPARK_SUBMIT_ARGS", ""))
+def under_spark_submit() -> bool:
+    """True when spark-submit started this driver (and its JVM, with its own settings)."""
+    return "PYSPARK_GATEWAY_PORT" in os.environ
+
+
+def master_given() -> bool:
+    return under_spark_submit() or "--master" in shlex.split(os.environ.get("PYSPARK_SUBMIT_ARGS", ""))
+
+
+# Transitive dependencies of spark-hadoop-cloud that Spark already ships, or that serve
+# other clouds: left out, they can neither clash with Spark's own versions nor cost downloads.
+CONNECTOR_EXCLUDES = (
+    "com.google.cloud.bigdataoss:gcs-connector", "org.apache.hadoop:hadoop-azure",
+    "org.apache.hadoop:hadoop-azure-datalake", "org.apache.hadoop:hadoop-cloud-storage",
+    "org.apache.hadoop:hadoop-huaweicloud", "org.apache.hadoop:hadoop-aliyun",
+    "org.apache.hadoop:hadoop-openstack", "org.apache.hadoop:hadoop-client-api",
+    "org.apache.hadoop:hadoop-client-runtime", "com.fasterxml.jackson.core:jackson-core",
+    "com.fasterxml.jackson.core:jackson-databind", "com.fasterxml.jackson.core:jackson-annotations",
+    "com.fasterxml.jackson.dataformat:jackson-dataformat-cbor", "org.slf4j:slf4j-api",
+    "commons-codec:commons-codec", "org.apache.httpcomponents:httpclient",
+    "org.apache.httpcomponents:httpcore", "joda-time:joda-time", "org.eclipse.jetty:jetty-util",
+    "org.eclipse.jetty:jetty-util-ajax", "com.squareup.okhttp3:okhttp", "com.squareup.okio:okio",
+)
+
+
+def installed_spark_jars() -> Path:
+    import pyspark
+
+    home = os.environ.get("SPARK_HOME")
+    return Path(home) / "jars" if home else Path(pyspark.__file__).parent / "jars"
+
+
+def connector_packages(jar_names: Sequence[str], spark_version: str) -> str | None:
+    """Maven coordinates of the S3A connector matching the installed Spark's own Hadoop and
+    Scala, or None when that Spark already ships one.
+
+    hadoop-aws must be exactly the bundled Hadoop's version; spark-hadoop-cloud (the
+    committer bindings) is not published for every Spark patch release, so the newest of
+    the same major.minor line is taken: every release of a line bundles the same Hadoop.
+    """
+    if any(name.startswith("hadoop-aws-") for name in jar_names):
+        return None
+    hadoop = next((m.group(1) for m in map(re.compile(r"hadoop-client-api-(.+)\.jar").match, jar_names) if m), None)
+    scala = next((m.group(1) for m in map(re.compile(r"spark-core_(2\.1\d)-").match, jar_names) if m), None)
+    if hadoop is None or scala is None:
+        raise EtlError("Cannot tell which Hadoop this Spark bundles (no hadoop-client-api jar in "
+                       f"{installed_spark_jars()}), so the matching S3A connector is unknown. Set "
+                       "[SPARK] PACKAGES in dl.cfg to org.apache.hadoop:hadoop-aws:<your Hadoop version>.")
+    line = ".".join(spark_version.split(".")[:2])
+    return f"org.apache.hadoop:hadoop-aws:{hadoop},org.apache.spark:spark-hadoop-cloud_{scala}:{line}.+"
+
+
+def s3a_options(settings: Settings) -> dict[str, str]:
+    """Hadoop settings for S3A: credentials, endpoint, connection pool, committer."""
+    options = {
+        # Thousands of small song files and partition files: many requests in flight.
+        "fs.s3a.connection.maximum": "200",
+        "fs.s3a.threads.max": "64",
+        "fs.s3a.committer.threads": "32",
+        # Files become visible only when the job commits: no renames, no _temporary.
+        "fs.s3a.committer.name": settings.s3a_committer,
+        "fs.s3a.committer.magic.enabled": "true",
+        "fs.s3a.committer.abort.pending.uploads": "true",
+        "mapreduce.outputcommitter.factory.scheme.s3a": "org.apache.hadoop.fs.s3a.commit.S3ACommitterFactory",
+    }
+    if settings.access_key_id:
+        # Hadoop-owned provider names exist under both AWS SDK v1 (Spark 3.5) and v2 (Spark 4).
+        options["fs.s3a.access.key"] = settings.access_key_id
+        options["fs.s3a.secret.key"] = settings.secret_access_key or ""
+        if settings.session_token:
+            options["fs.s3a.session.token"] = settings.session_token
+            options["fs.s3a.aws.credentials.provider"] = "org.apache.hadoop.fs.s3a.TemporaryAWSCredentialsProvider"
+        else:
+            options["fs.s3a.aws.credentials.provider"] = "org.apache.hadoop.fs.s3a.SimpleAWSCredentialsProvider"
+    if settings.region:
+        options["fs.s3a.endpoint.region"] = settings.region
+    if settings.endpoint_url:
+        options["fs.s3a.endpoint"] = settings.endpoint_url
+        options["fs.s3a.path.style.access"] = "true"
+        options["fs.s3a.connection.ssl.enabled"] = str(settings.endpoint_url.startswith("https:")).lower()
+        options.setdefault("fs.s3a.endpoint.region", "us-east-1")
+        # S3-compatible stores differ in the ETag/version semantics S3A checks on reads.
+        options["fs.s3a.change.detection.mode"] = "none"
+    return options
 
 
 def build_spark_session(settings: Settings) -> SparkSession:
-    """The one session of a run: UTC, tiny files packed into few read tasks."""
+    """The one session of a run: UTC, tiny files packed into few read tasks, S3A when needed."""
     builder = (
         SparkSession.builder.appName("sparkify-etl")
         .config("spark.sql.session.timeZone", "UTC")
@@ -175,11 +270,70 @@ def build_spark_session(settings: Settings) -> SparkSession:
         # per file. Thousands of partition files make this most of the run time.
         builder = (builder.config("spark.hadoop.fs.file.impl", "org.apache.hadoop.fs.RawLocalFileSystem")
                    .config("spark.hadoop.fs.file.impl.disable.cache", "true"))
-    if not launched_with_master():
+    if settings.uses_s3() and not under_spark_submit():
+        # Only a JVM this process starts can still take jars; spark-submit passes its own.
+        default = connector_packages([p.name for p in installed_spark_jars().glob("*.jar")],
+                                     pyspark_version())
+        packages = settings.packages or default
+        if packages and packages.lower() != "none":
+            builder = builder.config("spark.jars.packages", packages)
+            if packages == default:
+                builder = builder.config("spark.jars.excludes", ",".join(CONNECTOR_EXCLUDES))
+    if not master_given():
         builder = builder.master("local[*]")
     spark = builder.getOrCreate()
     spark.sparkContext.setLogLevel("WARN")
     return spark
+
+
+def pyspark_version() -> str:
+    import pyspark
+
+    return pyspark.__version__
+
+
+def jvm_has_class(spark: SparkSession, name: str) -> bool:
+    jvm = spark.sparkContext._jvm
+    try:
+        jvm.java.lang.Class.forName(name, False, jvm.Thread.currentThread().getContextClassLoader())
+    except Exception:  # py4j wraps ClassNotFoundException
+        return False
+    return True
+
+
+def configure_storage(spark: SparkSession, settings: Settings) -> Settings:
+    """Point S3A at the store and the committer at S3; return the roots Spark should use.
+
+    Credentials go into the driver's Hadoop configuration, not the Spark conf: they stay
+    off the command line, the Spark UI and the event log, and still reach executors with
+    each job's serialized Hadoop configuration.
+    """
+    if not settings.uses_s3():
+        return settings
+    hadoop_conf = spark.sparkContext._jsc.hadoopConfiguration()
+    if not jvm_has_class(spark, "org.apache.hadoop.fs.s3a.S3AFileSystem"):
+        hadoop = spark.sparkContext._jvm.org.apache.hadoop.util.VersionInfo.getVersion()
+        raise EtlError("This Spark has no S3A connector, so it cannot read or write S3. With spark-submit, "
+                       f"add --packages org.apache.hadoop:hadoop-aws:{hadoop} (the version of this Spark's "
+                       "Hadoop); python etl.py adds it by itself, and EMR ships it.")
+    for key, value in s3a_options(settings).items():
+        hadoop_conf.set(key, value)
+    if settings.output_root.startswith(("s3a://", "s3://")):
+        if jvm_has_class(spark, "org.apache.spark.internal.io.cloud.PathOutputCommitProtocol"):
+            spark.conf.set("spark.sql.sources.commitProtocolClass",
+                           "org.apache.spark.internal.io.cloud.PathOutputCommitProtocol")
+            spark.conf.set("spark.sql.parquet.output.committer.class",
+                           "org.apache.spark.internal.io.cloud.BindingParquetOutputCommitter")
+        else:
+            log.warning("spark-hadoop-cloud is missing: writing to S3 with the cluster's default committer")
+    if hadoop_conf.get("fs.s3.impl") is None:
+        # Outside EMR nothing serves s3:// URIs: read and write them through S3A.
+        def as_s3a(root: str) -> str:
+            return "s3a://" + root[len("s3://"):] if root.startswith("s3://") else root
+
+        settings = replace(settings, input_root=as_s3a(settings.input_root),
+                           output_root=as_s3a(settings.output_root))
+    return settings
 
 
 # =============================================================================
@@ -246,11 +400,9 @@ def read_json_records(spark: SparkSession, root: str, schema: T.StructType) -> D
     )
 
 
-def check_input_present(settings: Settings) -> None:
-    """Fail before Spark starts when a local input dataset is missing or holds no JSON."""
-    if not settings.input_root.startswith("file://"):
-        return
-    root = Path(urlparse(settings.input_root).path)
+def check_local_input(root_uri: str) -> None:
+    """Fail when a local input dataset is missing or holds no JSON."""
+    root = Path(urlparse(root_uri).path)
     for dataset in ("song_data", "log_data"):
         folder = root / dataset
         if not folder.is_dir():
@@ -259,6 +411,111 @@ def check_input_present(settings: Settings) -> None:
         if not any(path.stat().st_size for path in folder.rglob("*.json")):
             raise EtlError(f"{folder} holds no non-empty .json files, so there is nothing to load. "
                            "Check that --input points at a complete copy of the dataset.")
+
+
+def s3_client(settings: Settings):
+    import boto3
+    from botocore.config import Config
+
+    return boto3.client(
+        "s3",
+        region_name=settings.region or "us-east-1",
+        endpoint_url=settings.endpoint_url,
+        aws_access_key_id=settings.access_key_id,
+        aws_secret_access_key=settings.secret_access_key,
+        aws_session_token=settings.session_token,
+        # Fail in seconds, not minutes, when the endpoint is wrong or unreachable.
+        config=Config(connect_timeout=5, read_timeout=30, retries={"max_attempts": 2, "mode": "standard"},
+                      s3={"addressing_style": "path"} if settings.endpoint_url else None),
+    )
+
+
+def bucket_and_key(uri: str) -> tuple[str, str]:
+    parsed = urlparse(uri)
+    return parsed.netloc, parsed.path.lstrip("/")
+
+
+def explain_s3_error(error: Exception, action: str, settings: Settings) -> EtlError:
+    """One paragraph saying what went wrong talking to S3 and how to fix it."""
+    from botocore.exceptions import ClientError, EndpointConnectionError, NoCredentialsError
+
+    where = settings.endpoint_url or "AWS S3"
+    if isinstance(error, NoCredentialsError):
+        return EtlError(f"No AWS credentials were found to {action}. Set AWS_ACCESS_KEY_ID and "
+                        "AWS_SECRET_ACCESS_KEY (or [AWS] in dl.cfg), or run where an instance profile provides them.")
+    if isinstance(error, EndpointConnectionError) or not isinstance(error, ClientError):
+        return EtlError(f"Cannot reach {where} to {action} ({type(error).__name__}). Check the network "
+                        "and AWS_ENDPOINT_URL_S3 / [AWS] AWS_ENDPOINT_URL_S3.")
+    code = error.response.get("Error", {}).get("Code", "")
+    status = error.response.get("ResponseMetadata", {}).get("HTTPStatusCode")
+    if code == "InvalidAccessKeyId":
+        return EtlError(f"{where} does not know the AWS access key in use, so it cannot {action}. "
+                        "Check AWS_ACCESS_KEY_ID (environment or dl.cfg [AWS]).")
+    if code == "SignatureDoesNotMatch":
+        return EtlError(f"The AWS secret key does not match the access key, so {where} refused to {action}. "
+                        "Check AWS_SECRET_ACCESS_KEY (environment or dl.cfg [AWS]).")
+    if code in ("ExpiredToken", "TokenRefreshRequired"):
+        return EtlError(f"The AWS session token has expired, so {where} refused to {action}. "
+                        "Get fresh temporary credentials and set AWS_SESSION_TOKEN again.")
+    if code in ("NoSuchBucket", "404", "NotFound") or status == 404:
+        return EtlError(f"The bucket does not exist: cannot {action}. Check the bucket name in --input/--output "
+                        "(or [ETL] in dl.cfg) and the region.")
+    if code in ("AccessDenied", "403", "Forbidden") or status == 403:
+        return EtlError(f"Access denied: the AWS credentials in use may not {action}. Grant them s3:ListBucket, "
+                        "s3:GetObject, s3:PutObject and s3:DeleteObject on the buckets, or use other credentials.")
+    return EtlError(f"{where} refused to {action}: {code or status}. Check the bucket, the credentials and the region.")
+
+
+def check_s3_access(settings: Settings) -> None:
+    """Before Spark starts: credentials work, the input is readable, the output bucket exists
+    (it is created, in the configured region, when it does not)."""
+    try:
+        from botocore.exceptions import BotoCoreError, ClientError
+    except ImportError:
+        raise EtlError("boto3 is needed to check S3 access before the run: pip install -r requirements.txt.") from None
+    client = s3_client(settings)
+    if settings.input_root.startswith(("s3a://", "s3://")):
+        bucket, prefix = bucket_and_key(settings.input_root)
+        for dataset in ("song_data", "log_data"):
+            key_prefix = f"{prefix}/{dataset}/".lstrip("/")
+            action = f"list s3://{bucket}/{key_prefix}"
+            try:
+                listing = client.list_objects_v2(Bucket=bucket, Prefix=key_prefix, MaxKeys=1)
+            except (BotoCoreError, ClientError) as error:
+                raise explain_s3_error(error, action, settings) from None
+            if not listing.get("KeyCount"):
+                raise EtlError(f"s3://{bucket}/{key_prefix} holds no objects, so there is nothing to load. "
+                               "Point --input (or [ETL] INPUT) at the prefix that holds song_data/ and log_data/.")
+    if settings.output_root.startswith(("s3a://", "s3://")):
+        bucket, _ = bucket_and_key(settings.output_root)
+        try:
+            client.head_bucket(Bucket=bucket)
+        except ClientError as error:
+            if error.response.get("ResponseMetadata", {}).get("HTTPStatusCode") != 404:
+                raise explain_s3_error(error, f"write to bucket {bucket}", settings) from None
+            create_bucket(client, bucket, settings)
+        except BotoCoreError as error:
+            raise explain_s3_error(error, f"write to bucket {bucket}", settings) from None
+
+
+def create_bucket(client, bucket: str, settings: Settings) -> None:
+    from botocore.exceptions import BotoCoreError, ClientError
+
+    region = settings.region or "us-east-1"
+    location = {} if region == "us-east-1" else {"CreateBucketConfiguration": {"LocationConstraint": region}}
+    try:
+        client.create_bucket(Bucket=bucket, **location)
+    except (BotoCoreError, ClientError) as error:
+        raise explain_s3_error(error, f"create the output bucket {bucket} in {region}", settings) from None
+    log.warning("created the output bucket %s in %s", bucket, region)
+
+
+def preflight(settings: Settings) -> None:
+    """Check the input and the output before Spark starts, so failures are quick and clear."""
+    if settings.input_root.startswith("file://"):
+        check_local_input(settings.input_root)
+    if settings.uses_s3():
+        check_s3_access(settings)
 
 
 # =============================================================================
@@ -604,9 +861,10 @@ def main(argv: Sequence[str] | None = None) -> int:
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
         settings = resolve_settings(args, os.environ)
-        check_input_present(settings)
+        preflight(settings)
         spark = build_spark_session(settings)
         try:
+            settings = configure_storage(spark, settings)
             reports = run(spark, settings)
         finally:
             spark.stop()

@@ -9,53 +9,10 @@ from collections import Counter
 from pathlib import Path
 
 import pytest
-from pyspark.sql import functions as F
 
 from conftest import REPO, run_etl
 from oracle import expected_tables
-
-# Each table's columns in SPEC order; start_time is compared as epoch milliseconds.
-COLUMNS = {
-    "songplays": ("songplay_id", "start_time", "user_id", "level", "song_id", "artist_id",
-                  "session_id", "location", "user_agent", "year", "month"),
-    "users": ("user_id", "first_name", "last_name", "gender", "level"),
-    "songs": ("song_id", "title", "artist_id", "year", "duration"),
-    "artists": ("artist_id", "name", "location", "latitude", "longitude"),
-    "time": ("start_time", "hour", "day", "week", "month", "year", "weekday"),
-}
-TYPES = {
-    "songplays": {"start_time": "timestamp", "user_id": "int", "session_id": "bigint", "year": "int",
-                  "month": "int"},
-    "users": {"user_id": "int"},
-    "songs": {"year": "int", "duration": "double"},
-    "artists": {"latitude": "double", "longitude": "double"},
-    "time": {"start_time": "timestamp", **{part: "int" for part in
-                                           ("hour", "day", "week", "month", "year", "weekday")}},
-}
-PARTITIONS = {"songplays": 2, "songs": 2, "time": 2, "users": 0, "artists": 0}
-
-
-def read_table(spark, output: Path, table: str) -> set[tuple]:
-    frame = spark.read.parquet(str(output / table))
-    types = dict(frame.dtypes)
-    for column, wanted in TYPES[table].items():
-        assert types[column] == wanted, f"{table}.{column} is {types[column]}, not {wanted}"
-    columns = [F.unix_millis(F.col(name)).alias(name) if name == "start_time" else F.col(name)
-               for name in COLUMNS[table]]
-    return {tuple(row) for row in frame.select(*columns).collect()}
-
-
-def data_files_per_folder(table_root: Path) -> dict[Path, int]:
-    return Counter(path.parent for path in table_root.rglob("*.parquet"))
-
-
-def assert_one_file_per_partition_folder(output: Path) -> None:
-    for table, depth in PARTITIONS.items():
-        files = data_files_per_folder(output / table)
-        assert files, f"{table} has no data files"
-        assert set(files.values()) == {1}, f"{table} has a folder with several files"
-        assert {len(folder.relative_to(output / table).parts) for folder in files} == {depth}
-
+from tables import COLUMNS, assert_one_file_per_partition_folder, local_data_files, read_table
 
 @pytest.fixture(scope="module")
 def two_runs(quirky_dataset, tmp_path_factory):
@@ -73,13 +30,13 @@ def test_every_table_matches_the_oracle_row_for_row(spark, quirky_dataset, two_r
     expected, _, _ = expected_tables(quirky_dataset)
     output, _ = two_runs[0]
     for table in COLUMNS:
-        assert read_table(spark, output, table) == expected[table], f"{table} differs from the oracle"
+        assert read_table(spark, output.as_uri(), table) == expected[table], f"{table} differs from the oracle"
 
 
 def test_rerun_gives_identical_tables_and_ids(spark, two_runs):
     (first, _), (second, _) = two_runs
     for table in COLUMNS:
-        assert read_table(spark, first, table) == read_table(spark, second, table), table
+        assert read_table(spark, first.as_uri(), table) == read_table(spark, second.as_uri(), table), table
 
 
 def test_generated_dataset_holds_every_quirk(quirky_dataset):
@@ -127,7 +84,7 @@ def test_every_rejected_record_is_quarantined_with_file_and_reason(quirky_datase
 
 def test_each_partition_folder_holds_one_file(two_runs):
     output, _ = two_runs[0]
-    assert_one_file_per_partition_folder(output)
+    assert_one_file_per_partition_folder(local_data_files(output))
 
 
 def test_summary_reports_rows_per_table_and_stage_seconds(quirky_dataset, two_runs):
@@ -143,6 +100,6 @@ def test_python_etl_py_without_arguments_loads_the_shipped_sample(spark, tmp_pat
     assert result.returncode == 0, result.stderr[-3000:]
     expected, _, _ = expected_tables(REPO / "data" / "sample")
     for table in COLUMNS:
-        assert read_table(spark, tmp_path / "output", table) == expected[table], table
-    assert_one_file_per_partition_folder(tmp_path / "output")
+        assert read_table(spark, (tmp_path / "output").as_uri(), table) == expected[table], table
+    assert_one_file_per_partition_folder(local_data_files(tmp_path / "output"))
     assert os.listdir(tmp_path) == ["output"]

@@ -100,7 +100,7 @@ def test_settings_precedence_config_then_environment_then_flags(tmp_path):
         "[AWS]\naws_access_key_id = CFGKEY\nAWS_SECRET_ACCESS_KEY = cfgsecret\nAWS_REGION = eu-west-1\n"
         "[ETL]\nINPUT = s3://udacity-dend/\nOUTPUT = s3a://lake/cfg/\n")
     from_config = settings_for([], {})
-    assert (from_config.input_root, from_config.output_root) == ("s3a://udacity-dend", "s3a://lake/cfg")
+    assert (from_config.input_root, from_config.output_root) == ("s3://udacity-dend", "s3a://lake/cfg")
     assert (from_config.access_key_id, from_config.secret_access_key, from_config.region) == (
         "CFGKEY", "cfgsecret", "eu-west-1")
 

@@ -6,11 +6,8 @@ import hashlib
 from datetime import datetime, timezone
 
 import pytest
-from pyspark.sql import Row
-from pyspark.sql import types as T
-from pyspark.testing import assertDataFrameEqual
-
 import etl
+from conftest import assert_frames_equal
 
 UTC = timezone.utc
 NOV_30_LAST_MS = 1543622399999  # 2018-11-30 23:59:59.999 UTC, a Friday: 15:59 the same day in LA
@@ -60,7 +57,7 @@ def test_users_table_takes_level_and_name_of_latest_event(spark):
     expected = spark.createDataFrame(
         [(15, "Walter", "New", "M", "paid"), (8, "Kaylee", "Summers", "F", "paid")],
         "user_id int, first_name string, last_name string, gender string, level string")
-    assertDataFrameEqual(etl.users_table(events), expected)
+    assert_frames_equal(etl.users_table(events), expected)
 
 
 def test_users_table_ignores_logged_out_events(spark):
@@ -132,7 +129,7 @@ def test_songplays_table_has_spec_columns_and_deterministic_id(spark):
           "ARAAAAAAAAAAAAAAAA", 38, "San Francisco-Oakland-Hayward, CA", '"Mozilla/5.0"', 2018, 11)],
         "songplay_id string, start_time timestamp, user_id int, level string, song_id string, "
         "artist_id string, session_id long, location string, user_agent string, year int, month int")
-    assertDataFrameEqual(table, expected)
+    assert_frames_equal(table, expected)
 
 
 def test_songplay_id_does_not_depend_on_partitioning(spark):
@@ -162,7 +159,7 @@ def test_time_table_parts_are_utc_whatever_the_session_time_zone(spark, session_
     previous = spark.conf.get("spark.sql.session.timeZone")
     spark.conf.set("spark.sql.session.timeZone", session_zone)
     try:
-        assertDataFrameEqual(etl.time_table(songplays), expected)
+        assert_frames_equal(etl.time_table(songplays), expected)
     finally:
         spark.conf.set("spark.sql.session.timeZone", previous)
 
@@ -176,7 +173,7 @@ def test_songs_table_has_one_row_per_song_id(spark):
         [("SOAAAAAAAAAAAAAAAA", "Hello", "ARAAAAAAAAAAAAAAAA", 2015, 295.2),
          ("SOBBBBBBBBBBBBBBBB", "66", "ARAAAAAAAAAAAAAAAA", 0, 295.2)],
         "song_id string, title string, artist_id string, year int, duration double")
-    assertDataFrameEqual(etl.songs_table(songs), expected)
+    assert_frames_equal(etl.songs_table(songs), expected)
 
 
 def test_artists_table_takes_every_column_from_one_record(spark):
@@ -196,7 +193,7 @@ def test_artists_table_takes_every_column_from_one_record(spark):
         [("AR1", "Prince and the New Power Generation", "Minnesota", 46.0, -94.0),
          ("AR2", "311", None, None, None)],
         "artist_id string, name string, location string, latitude double, longitude double")
-    assertDataFrameEqual(etl.artists_table(songs), expected)
+    assert_frames_equal(etl.artists_table(songs), expected)
 
 
 # --- reading and quarantine ----------------------------------------------------
