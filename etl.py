@@ -400,6 +400,10 @@ def read_json_records(spark: SparkSession, root: str, schema: T.StructType) -> D
     )
 
 
+# =============================================================================
+# Preflight: input readable and output writable before Spark starts
+# =============================================================================
+
 def check_local_input(root_uri: str) -> None:
     """Fail when a local input dataset is missing or holds no JSON."""
     root = Path(urlparse(root_uri).path)
@@ -570,79 +574,74 @@ def accepted_records(classified: DataFrame) -> DataFrame:
     return classified.where(F.col("reject_reason").isNull()).drop(CORRUPT_RECORD, "reject_reason")
 
 
+def one_record_per_key(frame: DataFrame, key: Sequence[str], order: Sequence[str],
+                       columns: Sequence[str], highest: bool = False) -> DataFrame:
+    """One row per ``key``: the ``columns`` of the record whose (``order``, ``columns``) sorts
+    first (or last). Picking a whole struct keeps every column from one source record, and
+    the full ordering makes the pick the same on every run."""
+    pick = F.max if highest else F.min
+    picked = frame.groupBy(*key).agg(pick(F.struct(*order, *columns)).alias("picked"))
+    return picked.select(*key, *(F.col(f"picked.{column}").alias(column) for column in columns))
+
+
 def songs_table(songs: DataFrame) -> DataFrame:
     """One row per song_id; a song_id seen twice keeps its smallest record."""
-    picked = songs.groupBy("song_id").agg(F.min(F.struct("title", "artist_id", "year", "duration")).alias("r"))
-    return picked.select(
-        "song_id",
-        F.col("r.title").alias("title"),
-        F.col("r.artist_id").alias("artist_id"),
-        F.col("r.year").cast("int").alias("year"),
-        F.col("r.duration").cast("double").alias("duration"),
+    return one_record_per_key(songs, ["song_id"], [], ["title", "artist_id", "year", "duration"]).select(
+        "song_id", "title", "artist_id",
+        F.col("year").cast("int").alias("year"),
+        F.col("duration").cast("double").alias("duration"),
     )
 
 
 def artists_table(songs: DataFrame) -> DataFrame:
     """One row per artist_id, every column from one song record: the most complete, then
     the one with the smallest song_id, so spellings are never mixed and reruns agree."""
-    def known(column: str) -> Column:
-        return F.when(F.col(column).isNotNull() & (F.col(column).cast("string") != ""), 1).otherwise(0)
+    def unknown(column: str) -> Column:
+        return F.when(F.col(column).isNull() | (F.col(column).cast("string") == ""), 1).otherwise(0)
 
-    completeness = (known("artist_name") + known("artist_location")
-                    + known("artist_latitude") + known("artist_longitude"))
-    ranked = songs.select(
-        "artist_id",
-        F.struct((-completeness).alias("rank"), "song_id", "artist_name", "artist_location",
-                 "artist_latitude", "artist_longitude").alias("record"),
-    )
-    picked = ranked.groupBy("artist_id").agg(F.min("record").alias("r"))
+    ranked = songs.withColumn("unknown_fields", unknown("artist_name") + unknown("artist_location")
+                              + unknown("artist_latitude") + unknown("artist_longitude"))
+    picked = one_record_per_key(ranked, ["artist_id"], ["unknown_fields", "song_id"],
+                                ["artist_name", "artist_location", "artist_latitude", "artist_longitude"])
     return picked.select(
         "artist_id",
-        F.col("r.artist_name").alias("name"),
-        F.col("r.artist_location").alias("location"),
-        F.col("r.artist_latitude").cast("double").alias("latitude"),
-        F.col("r.artist_longitude").cast("double").alias("longitude"),
+        F.col("artist_name").alias("name"),
+        F.col("artist_location").alias("location"),
+        F.col("artist_latitude").cast("double").alias("latitude"),
+        F.col("artist_longitude").cast("double").alias("longitude"),
     )
 
 
 def song_matches(songs: DataFrame) -> DataFrame:
     """For each (title, artist_name, duration): the song with the smallest song_id."""
-    picked = (songs.groupBy("title", "artist_name", "duration")
-              .agg(F.min(F.struct("song_id", "artist_id")).alias("match")))
-    return picked.select("title", "artist_name", "duration",
-                         F.col("match.song_id").alias("song_id"),
-                         F.col("match.artist_id").alias("artist_id"))
+    return one_record_per_key(songs, ["title", "artist_name", "duration"], [], ["song_id", "artist_id"])
 
 
 def users_table(events: DataFrame) -> DataFrame:
     """One row per logged-in user, named and levelled by their latest event."""
-    latest = (
-        events.where(F.col("userId") != "")
-        .groupBy("userId")
-        .agg(F.max(F.struct("ts", "sessionId", "itemInSession", "firstName", "lastName",
-                            "gender", "level")).alias("latest"))
-    )
+    latest = one_record_per_key(events.where(F.col("userId") != ""), ["userId"],
+                                ["ts", "sessionId", "itemInSession"],
+                                ["firstName", "lastName", "gender", "level"], highest=True)
     return latest.select(
         F.col("userId").cast("int").alias("user_id"),
-        F.col("latest.firstName").alias("first_name"),
-        F.col("latest.lastName").alias("last_name"),
-        F.col("latest.gender").alias("gender"),
-        F.col("latest.level").alias("level"),
+        F.col("firstName").alias("first_name"),
+        F.col("lastName").alias("last_name"),
+        "gender",
+        "level",
     )
 
 
 def distinct_plays(events: DataFrame) -> DataFrame:
-    """One row per NextSong event; an event delivered twice keeps one copy."""
-    key = ("user_id", "session_id", "item_in_session", "ts")
+    """One row per NextSong event; an event delivered twice keeps one copy (the same one
+    every run, should two copies ever differ)."""
     plays = events.where(F.col("page") == "NextSong").select(
         F.col("userId").cast("int").alias("user_id"),
         F.col("sessionId").alias("session_id"),
         F.col("itemInSession").alias("item_in_session"),
-        "ts",
-        F.struct("level", "song", "artist", "length", "location", "userAgent").alias("details"),
+        "ts", "level", "song", "artist", "length", "location", "userAgent",
     )
-    # min() rather than dropDuplicates(): if two copies ever differ, the same one wins every run.
-    return plays.groupBy(*key).agg(F.min("details").alias("d")).select(*key, "d.*")
+    return one_record_per_key(plays, ["user_id", "session_id", "item_in_session", "ts"], [],
+                              ["level", "song", "artist", "length", "location", "userAgent"])
 
 
 def utc_calendar(timestamp: Column) -> dict[str, Column]:
