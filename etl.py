@@ -271,13 +271,15 @@ def build_spark_session(settings: Settings) -> SparkSession:
         builder = builder.config("spark.hadoop.fs.file.impl", "org.apache.hadoop.fs.RawLocalFileSystem")
     if settings.uses_s3() and not under_spark_submit():
         # Only a JVM this process starts can still take jars; spark-submit passes its own.
-        default = connector_packages([p.name for p in installed_spark_jars().glob("*.jar")],
-                                     pyspark_version())
-        packages = settings.packages or default
+        if settings.packages:
+            packages, excludes = settings.packages, ()
+        else:
+            jars = [path.name for path in installed_spark_jars().glob("*.jar")]
+            packages, excludes = connector_packages(jars, pyspark_version()), CONNECTOR_EXCLUDES
         if packages and packages.lower() != "none":
             builder = builder.config("spark.jars.packages", packages)
-            if packages == default:
-                builder = builder.config("spark.jars.excludes", ",".join(CONNECTOR_EXCLUDES))
+            if excludes:
+                builder = builder.config("spark.jars.excludes", ",".join(excludes))
     if not master_given():
         builder = builder.master("local[*]")
     spark = builder.getOrCreate()
@@ -763,6 +765,7 @@ def write_quarantine(rejected: DataFrame, dataset: str, output_root: str) -> Non
 @dataclass
 class StageReport:
     name: str
+    dataset: str
     seconds: float = 0.0
     rows: dict[str, int] = field(default_factory=dict)
     rejects: dict[str, int] = field(default_factory=dict)
@@ -786,7 +789,7 @@ def load_and_classify(spark: SparkSession, root: str, dataset: str, schema: T.St
 def process_song_data(spark: SparkSession, input_root: str, output_root: str) -> tuple[DataFrame, StageReport]:
     """Read song_data once; write songs and artists; return the song records for matching."""
     started = time.monotonic()
-    report = StageReport("process_song_data")
+    report = StageReport("process_song_data", "song_data")
     songs, rejected, report.rejects = load_and_classify(
         spark, input_root, "song_data", SONG_SCHEMA, classify_song_records)
     write_quarantine(rejected, "song_data", output_root)
@@ -800,7 +803,7 @@ def process_log_data(spark: SparkSession, input_root: str, output_root: str,
                      songs: DataFrame) -> StageReport:
     """Read log_data once; write users, songplays and time."""
     started = time.monotonic()
-    report = StageReport("process_log_data")
+    report = StageReport("process_log_data", "log_data")
     events, rejected, report.rejects = load_and_classify(
         spark, input_root, "log_data", LOG_SCHEMA, classify_log_events)
     write_quarantine(rejected, "log_data", output_root)
@@ -825,11 +828,11 @@ def summary(reports: Sequence[StageReport], output_root: str) -> str:
     for report in reports:
         for table, rows in report.rows.items():
             lines.append(f"  {table:<10} {rows:>12,} rows")
-    for report, dataset in zip(reports, ("song_data", "log_data")):
+    for report in reports:
         quarantined = sum(report.rejects.values())
         detail = ", ".join(f"{reason}: {count}" for reason, count in sorted(report.rejects.items()))
-        where = f" -> {output_root}/_quarantine/{dataset}/ ({detail})" if quarantined else ""
-        lines.append(f"  quarantined from {dataset}: {quarantined:,}{where}")
+        where = f" -> {output_root}/_quarantine/{report.dataset}/ ({detail})" if quarantined else ""
+        lines.append(f"  quarantined from {report.dataset}: {quarantined:,}{where}")
     for report in reports:
         lines.append(f"  {report.name:<18} {report.seconds:8.1f} s")
     lines.append(f"  {'total':<18} {sum(r.seconds for r in reports):8.1f} s")
