@@ -173,8 +173,17 @@ def under_spark_submit() -> bool:
     return "PYSPARK_GATEWAY_PORT" in os.environ
 
 
-def master_given() -> bool:
-    return under_spark_submit() or "--master" in shlex.split(os.environ.get("PYSPARK_SUBMIT_ARGS", ""))
+def requested_master() -> str | None:
+    """The master spark-submit (or PYSPARK_SUBMIT_ARGS) asked for, or None: then local[*]."""
+    if under_spark_submit():
+        from pyspark import SparkConf, SparkContext
+
+        SparkContext._ensure_initialized()  # joins the JVM spark-submit started
+        return SparkConf().get("spark.master", None)
+    words = shlex.split(os.environ.get("PYSPARK_SUBMIT_ARGS", ""))
+    if "--master" in words[:-1]:
+        return words[words.index("--master") + 1]
+    return None
 
 
 # Transitive dependencies of spark-hadoop-cloud that Spark already ships, or that serve
@@ -218,6 +227,30 @@ def connector_packages(jar_names: Sequence[str], spark_version: str) -> str | No
                        "[SPARK] PACKAGES in dl.cfg to org.apache.hadoop:hadoop-aws:<your Hadoop version>.")
     line = ".".join(spark_version.split(".")[:2])
     return f"org.apache.hadoop:hadoop-aws:{hadoop},org.apache.spark:spark-hadoop-cloud_{scala}:{line}.+"
+
+
+def connector_confs(packages_override: str | None) -> dict[str, str]:
+    """The spark.jars.* settings that give this Spark the S3A connector: empty when it ships
+    one or ``[SPARK] PACKAGES`` is ``none``."""
+    if packages_override:
+        packages, excludes = packages_override, ()
+    else:
+        jars = [path.name for path in installed_spark_jars().glob("*.jar")]
+        packages, excludes = connector_packages(jars, pyspark_version()), CONNECTOR_EXCLUDES
+    if not packages or packages.lower() == "none":
+        return {}
+    confs = {"spark.jars.packages": packages}
+    if excludes:
+        confs["spark.jars.excludes"] = ",".join(excludes)
+    return confs
+
+
+def spark_submit_options(packages_override: str | None) -> list[str]:
+    """The same connector as spark-submit flags, for ``--print-packages``."""
+    flags = []
+    for key, value in connector_confs(packages_override).items():
+        flags += ["--packages", value] if key == "spark.jars.packages" else ["--conf", f"{key}={value}"]
+    return flags
 
 
 def s3a_options(settings: Settings) -> dict[str, str]:
@@ -264,24 +297,20 @@ def build_spark_session(settings: Settings) -> SparkSession:
         .config("spark.sql.files.openCostInBytes", str(64 * 1024))
         .config("spark.ui.showConsoleProgress", "false")
     )
-    if settings.output_root.startswith("file://"):
+    master = requested_master()
+    if master is None:
+        master = "local[*]"
+        builder = builder.master(master)
+    if settings.output_root.startswith("file://") and not master.startswith("yarn"):
         # Without Hadoop's native library every local file and folder Spark creates costs
         # a forked chmod; the checksummed local filesystem doubles that with a .crc file
-        # per file. Thousands of partition files make this most of the run time.
+        # per file. Thousands of partition files make this most of the run time. (YARN's
+        # client cannot stage its uploads through the raw filesystem, so not there.)
         builder = builder.config("spark.hadoop.fs.file.impl", "org.apache.hadoop.fs.RawLocalFileSystem")
     if settings.uses_s3() and not under_spark_submit():
         # Only a JVM this process starts can still take jars; spark-submit passes its own.
-        if settings.packages:
-            packages, excludes = settings.packages, ()
-        else:
-            jars = [path.name for path in installed_spark_jars().glob("*.jar")]
-            packages, excludes = connector_packages(jars, pyspark_version()), CONNECTOR_EXCLUDES
-        if packages and packages.lower() != "none":
-            builder = builder.config("spark.jars.packages", packages)
-            if excludes:
-                builder = builder.config("spark.jars.excludes", ",".join(excludes))
-    if not master_given():
-        builder = builder.master("local[*]")
+        for key, value in connector_confs(settings.packages).items():
+            builder = builder.config(key, value)
     spark = builder.getOrCreate()
     spark.sparkContext.setLogLevel("WARN")
     return spark
@@ -305,21 +334,32 @@ def jvm_has_class(spark: SparkSession, name: str) -> bool:
 def configure_storage(spark: SparkSession, settings: Settings) -> Settings:
     """Point S3A at the store and the committer at S3; return the roots Spark should use.
 
-    Credentials go into the driver's Hadoop configuration, not the Spark conf: they stay
-    off the command line, the Spark UI and the event log, and still reach executors with
-    each job's serialized Hadoop configuration.
+    ``s3://`` stays with EMRFS where the cluster serves it (EMR, with its own committer and
+    the instance profile) and goes through S3A everywhere else. Credentials go into the
+    driver's Hadoop configuration, not the Spark conf: they stay off the command line, the
+    Spark UI and the event log, and still reach executors with each job's serialized
+    Hadoop configuration.
     """
     if not settings.uses_s3():
         return settings
     hadoop_conf = spark.sparkContext._jsc.hadoopConfiguration()
+    if hadoop_conf.get("fs.s3.impl") is None:
+        def as_s3a(root: str) -> str:
+            return "s3a://" + root[len("s3://"):] if root.startswith("s3://") else root
+
+        settings = replace(settings, input_root=as_s3a(settings.input_root),
+                           output_root=as_s3a(settings.output_root))
+    if not any(root.startswith("s3a://") for root in (settings.input_root, settings.output_root)):
+        return settings
     if not jvm_has_class(spark, "org.apache.hadoop.fs.s3a.S3AFileSystem"):
         hadoop = spark.sparkContext._jvm.org.apache.hadoop.util.VersionInfo.getVersion()
-        raise EtlError("This Spark has no S3A connector, so it cannot read or write S3. With spark-submit, "
-                       f"add --packages org.apache.hadoop:hadoop-aws:{hadoop} (the version of this Spark's "
-                       "Hadoop); python etl.py adds it by itself, and EMR ships it.")
+        raise EtlError("This Spark has no S3A connector, so it cannot read or write s3a:// URIs. With "
+                       f"spark-submit, add --packages org.apache.hadoop:hadoop-aws:{hadoop} (the version of "
+                       "this Spark's Hadoop; `python etl.py --print-packages` prints the flags); python "
+                       "etl.py adds it by itself, and EMR ships it.")
     for key, value in s3a_options(settings).items():
         hadoop_conf.set(key, value)
-    if settings.output_root.startswith(("s3a://", "s3://")):
+    if settings.output_root.startswith("s3a://"):
         if jvm_has_class(spark, "org.apache.spark.internal.io.cloud.PathOutputCommitProtocol"):
             spark.conf.set("spark.sql.sources.commitProtocolClass",
                            "org.apache.spark.internal.io.cloud.PathOutputCommitProtocol")
@@ -327,13 +367,6 @@ def configure_storage(spark: SparkSession, settings: Settings) -> Settings:
                            "org.apache.spark.internal.io.cloud.BindingParquetOutputCommitter")
         else:
             log.warning("spark-hadoop-cloud is missing: writing to S3 with the cluster's default committer")
-    if hadoop_conf.get("fs.s3.impl") is None:
-        # Outside EMR nothing serves s3:// URIs: read and write them through S3A.
-        def as_s3a(root: str) -> str:
-            return "s3a://" + root[len("s3://"):] if root.startswith("s3://") else root
-
-        settings = replace(settings, input_root=as_s3a(settings.input_root),
-                           output_root=as_s3a(settings.output_root))
     return settings
 
 
@@ -858,6 +891,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
                         help=f"folder or s3a:// URI for the tables (default: ./{DEFAULT_OUTPUT})")
     parser.add_argument("--verbose", action="store_true",
                         help="log every step and show full stack traces on failure")
+    parser.add_argument("--print-packages", action="store_true",
+                        help="print the spark-submit flags (--packages ...) that add the S3A "
+                             "connector matching this Spark, and exit")
     return parser.parse_args(argv)
 
 
@@ -867,6 +903,9 @@ def main(argv: Sequence[str] | None = None) -> int:
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
         settings = resolve_settings(args, os.environ)
+        if args.print_packages:
+            print(shlex.join(spark_submit_options(settings.packages)))
+            return 0
         preflight(settings)
         spark = build_spark_session(settings)
         try:

@@ -121,4 +121,5 @@ def test_settings_repr_hides_secrets():
 
 def test_parse_args_accepts_the_documented_flags():
     args = etl.parse_args(["--config", "x.cfg", "--input", "i", "--output", "o", "--verbose"])
-    assert args == argparse.Namespace(config="x.cfg", input="i", output="o", verbose=True)
+    assert args == argparse.Namespace(config="x.cfg", input="i", output="o", verbose=True,
+                                      print_packages=False)

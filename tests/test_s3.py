@@ -6,40 +6,14 @@ import json
 import re
 from pathlib import Path
 
-import boto3
 import pytest
 
 import datagen
 import etl
 from conftest import free_port, run_etl
 from oracle import expected_tables
+from s3store import KEY_ID, REGION, SECRET, all_keys, client, s3_environment, upload
 from tables import COLUMNS, assert_one_file_per_partition_folder, read_table
-
-KEY_ID, SECRET = "AKIDTESTSPARKIFY", "s3cr3t-that-must-never-be-printed"
-REGION = "eu-west-1"
-
-
-def s3_environment(endpoint: str) -> dict[str, str]:
-    return {"AWS_ENDPOINT_URL_S3": endpoint, "AWS_ACCESS_KEY_ID": KEY_ID,
-            "AWS_SECRET_ACCESS_KEY": SECRET, "AWS_REGION": REGION}
-
-
-def client(endpoint: str):
-    return boto3.client("s3", endpoint_url=endpoint, region_name=REGION, aws_access_key_id=KEY_ID,
-                        aws_secret_access_key=SECRET)
-
-
-def upload(s3, root: Path, bucket: str, prefix: str) -> int:
-    files = [path for path in root.rglob("*.json")]
-    for path in files:
-        s3.upload_file(str(path), bucket, f"{prefix}{path.relative_to(root).as_posix()}")
-    return len(files)
-
-
-def all_keys(s3, bucket: str) -> list[str]:
-    pages = s3.get_paginator("list_objects_v2").paginate(Bucket=bucket)
-    return [item["Key"] for page in pages for item in page.get("Contents", [])]
-
 
 @pytest.fixture(scope="module")
 def s3_dataset(tmp_path_factory) -> Path:
