@@ -249,7 +249,12 @@ def _corrupt_log_lines(rng: random.Random, sample: dict) -> list[str]:
     ts_as_text = _dump(dict(sample, ts="yesterday"), rng)
     bad_user = _dump(dict(sample, userId="anonymous-7"), rng)
     no_ts = _dump({key: value for key, value in sample.items() if key != "ts"}, rng)
-    return [truncated, ts_as_text, bad_user, no_ts, "not json at all"]
+    no_page = _dump({key: value for key, value in sample.items() if key != "page"}, rng)
+    no_user = _dump({key: value for key, value in sample.items() if key != "userId"}, rng)
+    anonymous_play = _dump(dict(sample, page="NextSong", userId="", firstName=None, lastName=None), rng)
+    play_without_session = _dump(dict(sample, page="NextSong", sessionId=None), rng)
+    return [truncated, ts_as_text, bad_user, no_ts, no_page, no_user, anonymous_play, play_without_session,
+            "not json at all"]
 
 
 def generate(root: str | Path, scale: Scale = Scale(), seed: int = 42, corrupt: bool = False) -> None:
@@ -270,6 +275,7 @@ def generate(root: str | Path, scale: Scale = Scale(), seed: int = 42, corrupt: 
         (bad / "TRZZZBADDURATION1.json").write_text(
             _dump(dict(songs[1], song_id=_random_id(rng, "SO"), duration="long"), rng))
         (bad / "TRZZZNOSONGID0001.json").write_text(_dump(dict(songs[2], song_id=None), rng))
+        (bad / "TRZZZNOARTISTID01.json").write_text(_dump(dict(songs[3], artist_id=" "), rng))
 
     users = _users(rng, scale)
     session_id = 0

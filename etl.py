@@ -13,22 +13,24 @@ from __future__ import annotations
 
 import argparse
 import configparser
+import json
 import logging
 import os
 import re
 import shlex
 import sys
 import time
-from dataclasses import dataclass, field, replace
+from dataclasses import asdict, dataclass, field, replace
+from datetime import date, datetime, timezone
 from pathlib import Path
 from typing import Mapping, Sequence
 from urllib.parse import urlparse
 
-from pyspark.sql import Column, DataFrame, Observation, SparkSession
+from pyspark.sql import Column, DataFrame, SparkSession
 from pyspark.sql import functions as F
 from pyspark.sql import types as T
 
-__version__ = "1.0.0"
+__version__ = "1.1.0"
 
 log = logging.getLogger("sparkify.etl")
 
@@ -45,10 +47,12 @@ DEFAULT_CONFIG = "dl.cfg"
 CONFIG_KEYS = {
     "AWS": ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_REGION",
             "AWS_ENDPOINT_URL_S3"),
-    "ETL": ("INPUT", "OUTPUT"),
+    "ETL": ("INPUT", "OUTPUT", "MAX_REJECT_RATE"),
     "SPARK": ("PACKAGES", "S3A_COMMITTER"),
 }
 S3A_COMMITTERS = ("magic", "directory", "partitioned", "file")
+# Above this share of a dataset's records quarantined, the input is suspect: no table is written.
+DEFAULT_MAX_REJECT_RATE = 0.01
 
 
 class EtlError(Exception):
@@ -68,9 +72,25 @@ class Settings:
     endpoint_url: str | None = None
     packages: str | None = None  # Maven coordinates to add; None: worked out from the installed Spark
     s3a_committer: str = "magic"
+    max_reject_rate: float = DEFAULT_MAX_REJECT_RATE
+    since: date | None = None  # incremental load: only log events from this UTC day ...
+    until: date | None = None  # ... up to, not including, this one
 
     def uses_s3(self) -> bool:
         return any(root.startswith(("s3a://", "s3://")) for root in (self.input_root, self.output_root))
+
+    def incremental(self) -> bool:
+        return self.since is not None or self.until is not None
+
+    def redacted(self) -> dict[str, object]:
+        """The effective settings for the run report: no secret, the key id masked."""
+        shown = {name: value for name, value in vars(self).items()
+                 if name not in ("secret_access_key", "session_token")}
+        if self.access_key_id:
+            shown["access_key_id"] = "****" + self.access_key_id[-4:]
+        shown["secret_access_key"] = "****" if self.secret_access_key else None
+        shown["session_token"] = "****" if self.session_token else None
+        return {name: value.isoformat() if isinstance(value, date) else value for name, value in shown.items()}
 
 
 def read_config_file(path: Path) -> dict[str, str]:
@@ -130,6 +150,9 @@ def resolve_settings(args: argparse.Namespace, environ: Mapping[str, str]) -> Se
     if committer not in S3A_COMMITTERS:
         raise EtlError(f"[SPARK] S3A_COMMITTER = {committer} is not an S3A committer; use one of "
                        f"{', '.join(S3A_COMMITTERS)} (see dl.cfg.example).")
+    since, until = args.since, args.until
+    if since and until and since >= until:
+        raise EtlError(f"--since {since} is not before --until {until}: the window would hold no day.")
     return Settings(
         input_root=to_uri(first(args.input, config.get("ETL.INPUT"), str(DEFAULT_INPUT))),
         output_root=to_uri(first(args.output, config.get("ETL.OUTPUT"), DEFAULT_OUTPUT)),
@@ -142,7 +165,23 @@ def resolve_settings(args: argparse.Namespace, environ: Mapping[str, str]) -> Se
                            config.get("AWS.AWS_ENDPOINT_URL_S3")),
         packages=config.get("SPARK.PACKAGES"),
         s3a_committer=committer,
+        max_reject_rate=reject_rate(first(args.max_reject_rate, config.get("ETL.MAX_REJECT_RATE"))),
+        since=since,
+        until=until,
     )
+
+
+def reject_rate(text: str | None) -> float:
+    if text is None:
+        return DEFAULT_MAX_REJECT_RATE
+    try:
+        rate = float(text)
+    except ValueError:
+        rate = -1.0
+    if not 0.0 <= rate <= 1.0:
+        raise EtlError(f"The reject limit {text!r} is not a fraction between 0 and 1 (0.01 allows 1% of "
+                       "a dataset's records to be quarantined): check --max-reject-rate or [ETL] MAX_REJECT_RATE.")
+    return rate
 
 
 def to_uri(root: str) -> str:
@@ -313,6 +352,10 @@ def build_spark_session(settings: Settings) -> SparkSession:
             builder = builder.config(key, value)
     spark = builder.getOrCreate()
     spark.sparkContext.setLogLevel("WARN")
+    if not spark.sparkContext.getConf().contains("spark.sql.shuffle.partitions"):
+        # The tables are small: 200 shuffle tasks per aggregation cost more in scheduling
+        # than the work (the quality gate's 17 checks took 26 s on the sample, 5 s so).
+        spark.conf.set("spark.sql.shuffle.partitions", str(spark.sparkContext.defaultParallelism * 2))
     return spark
 
 
@@ -357,6 +400,10 @@ def configure_storage(spark: SparkSession, settings: Settings) -> Settings:
                        f"spark-submit, add --packages org.apache.hadoop:hadoop-aws:{hadoop} (the version of "
                        "this Spark's Hadoop; `python etl.py --print-packages` prints the flags); python "
                        "etl.py adds it by itself, and EMR ships it.")
+    if settings.incremental() and settings.output_root.startswith("s3a://"):
+        raise EtlError("--since/--until replace single partitions of songplays and time, which S3A's "
+                       "committers cannot do without risking a half-replaced table. Load S3 output in full "
+                       "(without --since/--until), or load incrementally into a local or HDFS root.")
     for key, value in s3a_options(settings).items():
         hadoop_conf.set(key, value)
     if settings.output_root.startswith("s3a://"):
@@ -431,6 +478,7 @@ def read_json_records(spark: SparkSession, root: str, schema: T.StructType) -> D
         .option("pathGlobFilter", "*.json")
         .json(root)
         .withColumn("source_file", F.col("_metadata.file_path"))
+        .withColumn("source_file_size", F.col("_metadata.file_size"))
     )
 
 
@@ -596,7 +644,7 @@ def classify_log_events(events: DataFrame) -> DataFrame:
 
 def quarantine_records(classified: DataFrame) -> DataFrame:
     """Rejected records with their file, their reason and their text."""
-    parsed = classified.drop(CORRUPT_RECORD, "source_file", "reject_reason")
+    parsed = classified.drop(CORRUPT_RECORD, "source_file", "source_file_size", "reject_reason")
     return (
         classified.where(F.col("reject_reason").isNotNull())
         .select("source_file", "reject_reason",
@@ -605,7 +653,8 @@ def quarantine_records(classified: DataFrame) -> DataFrame:
 
 
 def accepted_records(classified: DataFrame) -> DataFrame:
-    return classified.where(F.col("reject_reason").isNull()).drop(CORRUPT_RECORD, "reject_reason")
+    return classified.where(F.col("reject_reason").isNull()).drop(CORRUPT_RECORD, "reject_reason",
+                                                                   "source_file_size")
 
 
 def one_record_per_key(frame: DataFrame, key: Sequence[str], order: Sequence[str],
@@ -651,11 +700,27 @@ def song_matches(songs: DataFrame) -> DataFrame:
     return one_record_per_key(songs, ["title", "artist_name", "duration"], [], ["song_id", "artist_id"])
 
 
+# A user's latest event is the greatest (ts, sessionId, itemInSession); its fields name the user.
+USER_EVENT_COLUMNS = ("ts", "sessionId", "itemInSession", "firstName", "lastName", "gender", "level")
+
+
+def latest_user_events(events: DataFrame) -> DataFrame:
+    """Each logged-in user's latest event: its identity and the user's fields then."""
+    return one_record_per_key(events.where(F.col("userId") != ""), ["userId"], [], USER_EVENT_COLUMNS,
+                              highest=True)
+
+
+def merge_latest_user_events(previous: DataFrame, latest: DataFrame) -> DataFrame:
+    """Latest events from earlier runs and this one: the later event wins, whichever run saw it."""
+    return one_record_per_key(previous.unionByName(latest), ["userId"], [], USER_EVENT_COLUMNS, highest=True)
+
+
 def users_table(events: DataFrame) -> DataFrame:
     """One row per logged-in user, named and levelled by their latest event."""
-    latest = one_record_per_key(events.where(F.col("userId") != ""), ["userId"],
-                                ["ts", "sessionId", "itemInSession"],
-                                ["firstName", "lastName", "gender", "level"], highest=True)
+    return users_from_latest_events(latest_user_events(events))
+
+
+def users_from_latest_events(latest: DataFrame) -> DataFrame:
     return latest.select(
         F.col("userId").cast("int").alias("user_id"),
         F.col("firstName").alias("first_name"),
@@ -685,7 +750,7 @@ def utc_calendar(timestamp: Column) -> dict[str, Column]:
     the same whatever the session or machine time zone is.
     """
     seconds = timestamp.cast("long")
-    utc_date = F.date_from_unix_date(F.floor(seconds / 86400).cast("int"))
+    utc_date = utc_day(seconds)
     return {
         "hour": F.pmod(F.floor(seconds / 3600), F.lit(24)).cast("int"),
         "day": F.dayofmonth(utc_date),
@@ -694,6 +759,35 @@ def utc_calendar(timestamp: Column) -> dict[str, Column]:
         "year": F.year(utc_date),
         "weekday": (F.pmod(F.dayofweek(utc_date) + 5, F.lit(7)) + 1).cast("int"),  # Monday 1 .. Sunday 7
     }
+
+
+def utc_day(epoch_seconds: Column) -> Column:
+    return F.date_from_unix_date(F.floor(epoch_seconds / 86400).cast("int"))
+
+
+def within_days(day: Column, since: date | None, until: date | None) -> Column:
+    """``since`` <= ``day`` < ``until``, an open end where a bound is None."""
+    condition = F.lit(True)
+    if since is not None:
+        condition = condition & (day >= F.lit(since))
+    if until is not None:
+        condition = condition & (day < F.lit(until))
+    return condition
+
+
+def events_within(events: DataFrame, since: date | None, until: date | None) -> DataFrame:
+    """The events of UTC days ``since`` <= day < ``until``."""
+    return events.where(within_days(utc_day(F.col("ts") / 1000), since, until))
+
+
+def replace_window(existing: DataFrame, fresh: DataFrame, since: date | None, until: date | None) -> DataFrame:
+    """The (year, month) partitions a load window touches, as they must read afterwards:
+    the rows already there from outside the window, plus the window's fresh rows."""
+    inside = within_days(utc_day(F.col("start_time").cast("long")), since, until)
+    touched = (fresh.select("year", "month")
+               .unionByName(existing.where(inside).select("year", "month")).distinct())
+    kept = existing.join(touched, ["year", "month"], "left_semi").where(~inside)
+    return kept.unionByName(fresh.select(*existing.columns))
 
 
 def songplay_id(user_id: Column, session_id: Column, item_in_session: Column, ts: Column) -> Column:
@@ -740,6 +834,99 @@ def time_table(songplays: DataFrame) -> DataFrame:
 
 
 # =============================================================================
+# Checks: the quality gate every table passes before any is written
+# =============================================================================
+
+@dataclass
+class CheckResult:
+    table: str
+    check: str
+    passed: bool
+    detail: str
+    examples: list[str] = field(default_factory=list)
+
+
+TABLE_KEYS = {"songs": "song_id", "artists": "artist_id", "users": "user_id",
+              "songplays": "songplay_id", "time": "start_time"}
+
+
+def key_checks(name: str, table: DataFrame, key: str) -> tuple[int, list[CheckResult]]:
+    """The table's row count, and whether ``key`` is set on every row and names one row only."""
+    counts = table.agg(F.count(F.lit(1)).alias("rows"), F.count(key).alias("keyed"),
+                       F.count_distinct(key).alias("distinct")).first()
+    missing, repeated = counts["rows"] - counts["keyed"], counts["keyed"] - counts["distinct"]
+    examples = [] if not repeated else [
+        str(row[key]) for row in table.groupBy(key).count().where("count > 1").orderBy(key).limit(3).collect()]
+    return counts["rows"], [
+        CheckResult(name, f"{key} is never null", missing == 0, f"{missing:,} of {counts['rows']:,} rows have no {key}"),
+        CheckResult(name, f"{key} is unique", repeated == 0, f"{repeated:,} rows repeat a {key}", examples),
+    ]
+
+
+def reference_check(name: str, table: DataFrame, column: str, parent_name: str, parent: DataFrame) -> CheckResult:
+    """Every non-null ``column`` value of ``table`` is a key of ``parent``."""
+    orphans = (table.where(F.col(column).isNotNull()).select(column).distinct()
+               .join(parent.select(column), column, "left_anti"))
+    examples = [str(row[column]) for row in orphans.orderBy(column).limit(3).collect()]
+    missing = orphans.count() if examples else 0
+    return CheckResult(name, f"{column} references {parent_name}", not examples,
+                       f"{missing:,} {column} values missing from {parent_name}", examples)
+
+
+def count_check(name: str, check: str, actual: int, expected: int, unit: str) -> CheckResult:
+    return CheckResult(name, check, actual == expected, f"{actual:,} {unit}, expected {expected:,}")
+
+
+def quality_gate(tables: dict[str, DataFrame], fresh_songplays: DataFrame, plays: DataFrame,
+                 batches: Sequence["SourceBatch"]) -> tuple[list[CheckResult], dict[str, int]]:
+    """Keys, references and reconciliation, on the tables exactly as they will be written;
+    also each table's row count.
+
+    ``fresh_songplays`` are this run's plays (in an incremental load, ``tables`` holds the
+    touched partitions merged with what was there); ``plays`` the accepted events they
+    come from.
+    """
+    results, rows = [], {}
+    for name, key in TABLE_KEYS.items():
+        rows[name], checks = key_checks(name, tables[name], key)
+        results += checks
+    songplays = tables["songplays"]
+    results += [
+        reference_check("songplays", songplays, "user_id", "users", tables["users"]),
+        reference_check("songplays", songplays, "start_time", "time", tables["time"]),
+        reference_check("songplays", songplays, "song_id", "songs", tables["songs"]),
+        reference_check("songplays", songplays, "artist_id", "artists", tables["artists"]),
+    ]
+    distinct_events = (plays.where(F.col("page") == "NextSong")
+                       .select(F.col("userId").cast("int"), "sessionId", "itemInSession", "ts").distinct().count())
+    results.append(count_check("songplays", "one row per distinct NextSong event", fresh_songplays.count(),
+                               distinct_events, "rows"))
+    for batch in batches:
+        results.append(count_check(batch.dataset, "records read = accepted + quarantined",
+                                   batch.accepted + batch.quarantined, batch.records, "accepted + quarantined"))
+    return results, rows
+
+
+def enforce_quality_gate(results: Sequence[CheckResult]) -> None:
+    failed = [result for result in results if not result.passed]
+    if failed:
+        lines = [f"  - {r.table}: {r.check} failed: {r.detail}"
+                 + (f" (e.g. {', '.join(r.examples)})" if r.examples else "") for r in failed]
+        raise EtlError("The quality gate failed, so no table was written:\n" + "\n".join(lines))
+
+
+def enforce_reject_limit(batch: "SourceBatch", limit: float, output_root: str) -> None:
+    """Too many unusable records means the input, not a few records, is wrong: stop."""
+    if batch.records and batch.quarantined / batch.records > limit:
+        reasons = ", ".join(f"{reason}: {count:,}" for reason, count in sorted(batch.rejects.items()))
+        raise EtlError(
+            f"{batch.quarantined:,} of {batch.records:,} {batch.dataset} records "
+            f"({batch.quarantined / batch.records:.1%}) were quarantined, more than the {limit:.1%} allowed "
+            f"(--max-reject-rate or [ETL] MAX_REJECT_RATE), so no table was written. The records, "
+            f"with their files and reasons, are in {output_root}/_quarantine/{batch.dataset}/ ({reasons}).")
+
+
+# =============================================================================
 # Load
 # =============================================================================
 
@@ -759,11 +946,24 @@ ARTISTS = TableSpec("artists", (), ("artist_id",))
 USERS = TableSpec("users", (), ("user_id",))
 TIME = TableSpec("time", ("year", "month"), ("start_time",))
 SONGPLAYS = TableSpec("songplays", ("year", "month"), ("start_time", "songplay_id"))
+TABLE_SPECS = (SONGS, ARTISTS, USERS, SONGPLAYS, TIME)
+# Each user's latest event so far, kept for incremental loads to merge with.
+USER_STATE = TableSpec("_state/user_latest_event", (), ("userId",))
 
 
-def write_table(table: DataFrame, spec: TableSpec, output_root: str) -> int:
-    """Write one table as parquet, one file per partition folder; return its row count."""
+def write_table(table: DataFrame, spec: TableSpec, output_root: str, replace_partitions: bool = False) -> None:
+    """Write one table as parquet, one file per partition folder.
+
+    ``replace_partitions``: replace only the partition folders ``table`` has rows for
+    (dynamic partition overwrite), leaving every other one as it is. Spark writes no
+    _SUCCESS marker then, so the table's marker is removed first and written after the
+    commit: a table whose partitions were being replaced when a run died reads incomplete.
+    """
     spark = table.sparkSession
+    location = table_path(output_root, spec.name)
+    marker, fs = hadoop_path(spark, f"{location}/_SUCCESS")
+    if replace_partitions:
+        fs.delete(marker, False)
     if spec.partition_by:
         # Every row of a partition folder goes to the same task, so each folder gets one
         # file; a fixed task count keeps AQE from merging the writes onto one core.
@@ -771,24 +971,128 @@ def write_table(table: DataFrame, spec: TableSpec, output_root: str) -> int:
         arranged = table.repartition(writers, *spec.partition_by)
     else:
         arranged = table.repartition(1)
-    rows = Observation()  # counted while writing, at no extra job
     (
-        arranged.observe(rows, F.count(F.lit(1)).alias("rows"))
-        .sortWithinPartitions(*spec.partition_by, *spec.sort_by)
+        arranged.sortWithinPartitions(*spec.partition_by, *spec.sort_by)
         .write.mode("overwrite")
+        .option("partitionOverwriteMode", "dynamic" if replace_partitions else "static")
         .options(**dict(spec.writer_options))
         .partitionBy(*spec.partition_by)
-        .parquet(table_path(output_root, spec.name))
+        .parquet(location)
     )
-    count = rows.get["rows"]
-    log.info("wrote %s: %d rows", spec.name, count)
-    return count
+    if replace_partitions:
+        write_text(spark, f"{location}/_SUCCESS", "")
+    log.info("wrote %s", spec.name)
 
 
-def write_quarantine(rejected: DataFrame, dataset: str, output_root: str) -> None:
-    """Keep rejected records as JSON lines under ``_quarantine/<dataset>/``."""
+def write_quarantine(rejected: DataFrame, dataset: str, output_root: str) -> int:
+    """Keep rejected records as JSON lines under ``_quarantine/<dataset>/``; return how many
+    records the written files hold, counted by reading them back."""
+    location = table_path(output_root, f"_quarantine/{dataset}")
     (rejected.repartition(1).sortWithinPartitions(*QUARANTINE_COLUMNS)
-     .write.mode("overwrite").json(table_path(output_root, f"_quarantine/{dataset}")))
+     .write.mode("overwrite").json(location))
+    return rejected.sparkSession.read.text(location).count()
+
+
+def hadoop_path(spark: SparkSession, uri: str):
+    jvm = spark.sparkContext._jvm
+    path = jvm.org.apache.hadoop.fs.Path(uri)
+    return path, path.getFileSystem(spark.sparkContext._jsc.hadoopConfiguration())
+
+
+def committed_table(spark: SparkSession, output_root: str, name: str) -> DataFrame | None:
+    """A table an earlier run wrote completely, None when there is none; an incomplete one
+    (its writer stopped before the commit's _SUCCESS marker) is an error."""
+    location = table_path(output_root, name)
+    folder, fs = hadoop_path(spark, location)
+    if not fs.exists(folder):
+        return None
+    if not fs.exists(hadoop_path(spark, f"{location}/_SUCCESS")[0]):
+        raise EtlError(f"{location} is incomplete (no _SUCCESS: the run writing it stopped early), so an "
+                       "incremental load cannot build on it. Run a full load (without --since/--until) first.")
+    # Cut the lineage to the files: the merged result is written back over them.
+    return spark.read.parquet(location).localCheckpoint()
+
+
+def write_text(spark: SparkSession, uri: str, text: str) -> None:
+    """One small file through Hadoop's filesystem, so any root Spark writes to works."""
+    path, fs = hadoop_path(spark, uri)
+    stream = fs.create(path, True)
+    try:
+        stream.write(bytearray(text.encode("utf-8")))
+    finally:
+        stream.close()
+
+
+# =============================================================================
+# Run report: what a run read, wrote, checked and how long it took, under _runs/
+# =============================================================================
+
+def utc_now() -> str:
+    return datetime.now(timezone.utc).isoformat(timespec="seconds").replace("+00:00", "Z")
+
+
+@dataclass
+class RunReport:
+    run_id: str
+    started_at: str
+    settings: dict[str, object]
+    mode: str
+    spark_version: str
+    etl_version: str = __version__
+    status: str = "running"
+    finished_at: str | None = None
+    error: str | None = None
+    inputs: dict[str, dict[str, object]] = field(default_factory=dict)
+    tables: dict[str, dict[str, object]] = field(default_factory=dict)
+    checks: list[dict[str, object]] = field(default_factory=list)
+    stages: dict[str, float] = field(default_factory=dict)
+
+    @classmethod
+    def start(cls, spark: SparkSession, settings: Settings) -> "RunReport":
+        moment = datetime.now(timezone.utc)
+        return cls(run_id=f"{moment:%Y%m%dT%H%M%SZ}-{os.urandom(3).hex()}", started_at=utc_now(),
+                   settings=settings.redacted(), mode="incremental" if settings.incremental() else "full",
+                   spark_version=spark.version)
+
+    def timed(self, stage: str, step, *args):
+        started = time.monotonic()
+        try:
+            return step(*args)
+        finally:
+            self.stages[stage] = round(time.monotonic() - started, 3)
+
+    def finish(self, error: BaseException | None) -> None:
+        self.finished_at = utc_now()
+        self.status = "failed" if error else "succeeded"
+        if error is not None:
+            self.error = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+            if isinstance(error, EtlError):
+                self.error = str(error)
+
+    def location(self, output_root: str) -> str:
+        return table_path(output_root, f"_runs/{self.run_id}.json")
+
+    def save(self, spark: SparkSession, output_root: str) -> None:
+        write_text(spark, self.location(output_root), json.dumps(asdict(self), indent=2, default=str) + "\n")
+
+
+def summary(report: RunReport, output_root: str) -> str:
+    """The closing summary, drawn from the run report."""
+    lines = [f"Sparkify ETL finished ({report.mode} load): tables in {output_root}/"]
+    for table, facts in report.tables.items():
+        lines.append(f"  {table:<10} {facts['rows']:>12,} rows")
+    for dataset, facts in report.inputs.items():
+        quarantined = facts["quarantined"]
+        detail = ", ".join(f"{reason}: {count}" for reason, count in sorted(facts["rejects"].items()))
+        where = f" -> {output_root}/_quarantine/{dataset}/ ({detail})" if quarantined else ""
+        lines.append(f"  quarantined from {dataset}: {quarantined:,}{where}")
+    passed = sum(check["passed"] for check in report.checks)
+    lines.append(f"  quality checks passed: {passed} of {len(report.checks)}")
+    for stage, seconds in report.stages.items():
+        lines.append(f"  {stage:<18} {seconds:8.1f} s")
+    lines.append(f"  {'total':<18} {sum(report.stages.values()):8.1f} s")
+    lines.append(f"  run report: {report.location(output_root)}")
+    return "\n".join(lines)
 
 
 # =============================================================================
@@ -796,17 +1100,26 @@ def write_quarantine(rejected: DataFrame, dataset: str, output_root: str) -> Non
 # =============================================================================
 
 @dataclass
-class StageReport:
-    name: str
+class SourceBatch:
+    """One input dataset, read once and classified: what is usable, what is not, how much."""
     dataset: str
-    seconds: float = 0.0
-    rows: dict[str, int] = field(default_factory=dict)
-    rejects: dict[str, int] = field(default_factory=dict)
+    accepted_records: DataFrame
+    rejected_records: DataFrame
+    files: int
+    bytes: int
+    records: int
+    accepted: int
+    rejects: dict[str, int]
+    quarantined: int = 0  # records written to the quarantine
+
+    def facts(self) -> dict[str, object]:
+        return {"files": self.files, "bytes": self.bytes, "records": self.records, "accepted": self.accepted,
+                "quarantined": self.quarantined, "rejects": self.rejects}
 
 
 def load_and_classify(spark: SparkSession, root: str, dataset: str, schema: T.StructType,
-                      classify) -> tuple[DataFrame, DataFrame, dict[str, int]]:
-    """Read a dataset once and split it: (accepted, rejected, rejects by reason)."""
+                      classify) -> SourceBatch:
+    """Read a dataset once and split it into accepted and rejected records, counted."""
     classified = classify(read_json_records(spark, table_path(root, dataset), schema)).persist()
     # One pass fills the cache and counts the outcome of every record.
     outcome = {row["reject_reason"]: row["count"]
@@ -815,66 +1128,112 @@ def load_and_classify(spark: SparkSession, root: str, dataset: str, schema: T.St
     if not accepted:
         raise EtlError(f"No usable records in {table_path(root, dataset)} ({sum(outcome.values())} "
                        "rejected, see the quarantine). Check that the input is the Sparkify dataset.")
+    files = (classified.select("source_file", "source_file_size").distinct()
+             .agg(F.count(F.lit(1)).alias("files"), F.sum("source_file_size").alias("bytes")).first())
     log.info("read %s: %d records accepted, %d quarantined", dataset, accepted, sum(outcome.values()))
-    return accepted_records(classified), quarantine_records(classified), outcome
+    return SourceBatch(dataset, accepted_records(classified), quarantine_records(classified),
+                       files=files["files"], bytes=files["bytes"], records=accepted + sum(outcome.values()),
+                       accepted=accepted, rejects=outcome)
 
 
-def process_song_data(spark: SparkSession, input_root: str, output_root: str) -> tuple[DataFrame, StageReport]:
-    """Read song_data once; write songs and artists; return the song records for matching."""
-    started = time.monotonic()
-    report = StageReport("process_song_data", "song_data")
-    songs, rejected, report.rejects = load_and_classify(
-        spark, input_root, "song_data", SONG_SCHEMA, classify_song_records)
-    write_quarantine(rejected, "song_data", output_root)
-    report.rows["songs"] = write_table(songs_table(songs), SONGS, output_root)
-    report.rows["artists"] = write_table(artists_table(songs), ARTISTS, output_root)
-    report.seconds = time.monotonic() - started
-    return songs, report
+def extract(spark: SparkSession, settings: Settings, report: RunReport, dataset: str, schema: T.StructType,
+            classify) -> SourceBatch:
+    """Read, classify, quarantine, report; stop when too much of the dataset is unusable."""
+    batch = load_and_classify(spark, settings.input_root, dataset, schema, classify)
+    batch.quarantined = write_quarantine(batch.rejected_records, dataset, settings.output_root)
+    report.inputs[dataset] = batch.facts()
+    enforce_reject_limit(batch, settings.max_reject_rate, settings.output_root)
+    return batch
 
 
-def process_log_data(spark: SparkSession, input_root: str, output_root: str,
-                     songs: DataFrame) -> StageReport:
-    """Read log_data once; write users, songplays and time."""
-    started = time.monotonic()
-    report = StageReport("process_log_data", "log_data")
-    events, rejected, report.rejects = load_and_classify(
-        spark, input_root, "log_data", LOG_SCHEMA, classify_log_events)
-    write_quarantine(rejected, "log_data", output_root)
-    report.rows["users"] = write_table(users_table(events), USERS, output_root)
-    songplays = songplays_table(distinct_plays(events), song_matches(songs)).persist()
-    report.rows["songplays"] = write_table(songplays, SONGPLAYS, output_root)
-    report.rows["time"] = write_table(time_table(songplays), TIME, output_root)
-    songplays.unpersist()
-    report.seconds = time.monotonic() - started
-    return report
+@dataclass
+class SongTables:
+    batch: SourceBatch
+    songs: DataFrame
+    artists: DataFrame
+    matches: DataFrame
 
 
-def run(spark: SparkSession, settings: Settings) -> list[StageReport]:
-    songs, song_report = process_song_data(spark, settings.input_root, settings.output_root)
-    log_report = process_log_data(spark, settings.input_root, settings.output_root, songs)
-    return [song_report, log_report]
+@dataclass
+class LogTables:
+    batch: SourceBatch
+    plays: DataFrame  # the accepted events of the load window
+    users: DataFrame
+    user_state: DataFrame
+    fresh_songplays: DataFrame  # this window's plays
+    songplays: DataFrame  # as written: everything, or the touched partitions in full
+    time: DataFrame
 
 
-def summary(reports: Sequence[StageReport], output_root: str) -> str:
-    """The closing summary: rows per table, records quarantined, seconds per stage."""
-    lines = [f"Sparkify ETL finished: tables in {output_root}/"]
-    for report in reports:
-        for table, rows in report.rows.items():
-            lines.append(f"  {table:<10} {rows:>12,} rows")
-    for report in reports:
-        quarantined = sum(report.rejects.values())
-        detail = ", ".join(f"{reason}: {count}" for reason, count in sorted(report.rejects.items()))
-        where = f" -> {output_root}/_quarantine/{report.dataset}/ ({detail})" if quarantined else ""
-        lines.append(f"  quarantined from {report.dataset}: {quarantined:,}{where}")
-    for report in reports:
-        lines.append(f"  {report.name:<18} {report.seconds:8.1f} s")
-    lines.append(f"  {'total':<18} {sum(r.seconds for r in reports):8.1f} s")
-    return "\n".join(lines)
+def process_song_data(spark: SparkSession, settings: Settings, report: RunReport) -> SongTables:
+    """song_data read once: the songs and artists tables, and the lookup plays are matched on."""
+    batch = extract(spark, settings, report, "song_data", SONG_SCHEMA, classify_song_records)
+    songs = batch.accepted_records
+    return SongTables(batch, songs_table(songs).persist(), artists_table(songs).persist(), song_matches(songs))
+
+
+def process_log_data(spark: SparkSession, settings: Settings, report: RunReport, song_tables: SongTables) -> LogTables:
+    """log_data read once: users, songplays and time, merged with earlier loads when only a
+    window of days is loaded."""
+    batch = extract(spark, settings, report, "log_data", LOG_SCHEMA, classify_log_events)
+    events = events_within(batch.accepted_records, settings.since, settings.until)
+    latest = latest_user_events(events)
+    fresh = songplays_table(distinct_plays(events), song_tables.matches)
+    songplays = fresh
+    if settings.incremental():
+        previous_state = committed_table(spark, settings.output_root, USER_STATE.name)
+        if previous_state is None and committed_table(spark, settings.output_root, USERS.name) is not None:
+            raise EtlError(f"{settings.output_root} has a users table but no {USER_STATE.name}, so users "
+                           "cannot be merged. Run a full load (without --since/--until) once first.")
+        if previous_state is not None:
+            latest = merge_latest_user_events(previous_state, latest)
+        existing = committed_table(spark, settings.output_root, SONGPLAYS.name)
+        if existing is not None:
+            songplays = replace_window(existing, fresh, settings.since, settings.until)
+    latest = latest.persist()
+    songplays = songplays.persist()
+    return LogTables(batch, events, users_from_latest_events(latest).persist(), latest, fresh, songplays,
+                     time_table(songplays).persist())
+
+
+def load(settings: Settings, song_tables: SongTables, log_tables: LogTables,
+         rows: dict[str, int]) -> dict[str, dict[str, object]]:
+    """Write the five tables (and the users state); an incremental load replaces only the
+    songplays and time partitions its window touches."""
+    frames = {"songs": song_tables.songs, "artists": song_tables.artists, "users": log_tables.users,
+              "songplays": log_tables.songplays, "time": log_tables.time}
+    written = {}
+    for spec in TABLE_SPECS:
+        partial = settings.incremental() and spec in (SONGPLAYS, TIME)
+        write_table(frames[spec.name], spec, settings.output_root, replace_partitions=partial)
+        written[spec.name] = {"rows": rows[spec.name], "written": "touched partitions" if partial else "whole table"}
+    write_table(log_tables.user_state, USER_STATE, settings.output_root)
+    return written
+
+
+def run(spark: SparkSession, settings: Settings, report: RunReport) -> None:
+    """Extract and transform both datasets, check every table, then write them all."""
+    song_tables = report.timed("process_song_data", process_song_data, spark, settings, report)
+    log_tables = report.timed("process_log_data", process_log_data, spark, settings, report, song_tables)
+    tables = {"songs": song_tables.songs, "artists": song_tables.artists, "users": log_tables.users,
+              "songplays": log_tables.songplays, "time": log_tables.time}
+    results, rows = report.timed("quality_gate", quality_gate, tables, log_tables.fresh_songplays,
+                                 log_tables.plays, [song_tables.batch, log_tables.batch])
+    report.checks = [asdict(result) for result in results]
+    enforce_quality_gate(results)
+    report.tables = report.timed("load", load, settings, song_tables, log_tables, rows)
 
 
 # =============================================================================
 # CLI
 # =============================================================================
+
+def utc_date(text: str) -> date:
+    try:
+        return date.fromisoformat(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a date like 2018-11-15") from None
+
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
@@ -889,6 +1248,14 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
                              "(default: the sample dataset in data/sample)")
     parser.add_argument("--output", metavar="ROOT",
                         help=f"folder or s3a:// URI for the tables (default: ./{DEFAULT_OUTPUT})")
+    parser.add_argument("--since", metavar="YYYY-MM-DD", type=utc_date,
+                        help="incremental load: only log events from this UTC day on; the songplays "
+                             "and time partitions the window touches are replaced, users merged")
+    parser.add_argument("--until", metavar="YYYY-MM-DD", type=utc_date,
+                        help="incremental load: only log events before this UTC day")
+    parser.add_argument("--max-reject-rate", metavar="FRACTION",
+                        help="share of a dataset's records that may be quarantined before the run "
+                             f"fails without writing any table (default {DEFAULT_MAX_REJECT_RATE})")
     parser.add_argument("--verbose", action="store_true",
                         help="log every step and show full stack traces on failure")
     parser.add_argument("--print-packages", action="store_true",
@@ -910,7 +1277,16 @@ def main(argv: Sequence[str] | None = None) -> int:
         spark = build_spark_session(settings)
         try:
             settings = configure_storage(spark, settings)
-            reports = run(spark, settings)
+            report = RunReport.start(spark, settings)
+            save_report(spark, report, settings.output_root)
+            try:
+                run(spark, settings, report)
+                report.finish(None)
+            except BaseException as error:
+                report.finish(error)
+                raise
+            finally:
+                save_report(spark, report, settings.output_root)
         finally:
             spark.stop()
     except EtlError as error:
@@ -923,9 +1299,17 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"etl.py: the run failed: {headline}\nRun again with --verbose for the full trace.",
               file=sys.stderr)
         return 1
-    print(summary(reports, settings.output_root))
+    print(summary(report, settings.output_root))
     return 0
 
+
+def save_report(spark: SparkSession, report: RunReport, output_root: str) -> None:
+    """Write the run report; a report that cannot be written is logged, never masks the run's outcome."""
+    try:
+        report.save(spark, output_root)
+    except Exception as error:  # noqa: BLE001 - the run's own result matters more
+        log.warning("could not write the run report %s: %s", report.location(output_root),
+                    str(error).splitlines()[0] if str(error) else type(error).__name__)
 
 if __name__ == "__main__":
     sys.exit(main())

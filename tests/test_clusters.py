@@ -14,12 +14,13 @@ import pytest
 import datagen
 import etl
 from clusters import StandaloneCluster, YarnCluster, cluster_environment, spark_submit
-from conftest import REPO
+from conftest import BAD_DATA_ALLOWED, REPO
 from oracle import expected_tables
 from s3store import REGION, client, s3_environment, upload
 from tables import COLUMNS, assert_one_file_per_partition_folder, local_data_files, read_table
 
 ETL = str(REPO / "etl.py")
+pytestmark = pytest.mark.slow
 
 
 def assert_matches_oracle(spark, input_root: Path, output_uri: str) -> None:
@@ -57,7 +58,7 @@ def tasks_run_per_worker(cluster: StandaloneCluster) -> dict[str, int]:
 def test_standalone_cluster_runs_etl_on_local_files(spark, standalone, quirky_dataset, tmp_path):
     output = tmp_path / "lake"
     result = spark_submit(standalone.master_url, ETL, "--input", str(quirky_dataset), "--output", str(output),
-                          env=cluster_environment())
+                          *BAD_DATA_ALLOWED, env=cluster_environment())
     assert_succeeded(result)
     assert "Sparkify ETL finished" in result.stdout
     assert_matches_oracle(spark, quirky_dataset, output.as_uri())
@@ -80,7 +81,7 @@ def test_standalone_cluster_runs_etl_on_s3a(spark, standalone, s3_endpoint, smal
     upload(s3, small_s3_dataset, "cluster-raw", "")
     result = spark_submit(standalone.master_url, *connector_flags(), ETL,
                           "--input", "s3a://cluster-raw/", "--output", "s3a://cluster-lake/star",
-                          env=cluster_environment(**s3_environment(s3_endpoint)))
+                          *BAD_DATA_ALLOWED, env=cluster_environment(**s3_environment(s3_endpoint)))
     assert_succeeded(result)
     hadoop_conf = spark.sparkContext._jsc.hadoopConfiguration()
     for key, value in etl.s3a_options(etl.resolve_settings(
@@ -100,7 +101,7 @@ def yarn(tmp_path_factory):
 def test_yarn_client_mode_runs_etl(spark, yarn, quirky_dataset, tmp_path):
     output = tmp_path / "lake"
     result = spark_submit("yarn", "--deploy-mode", "client", ETL, "--input", str(quirky_dataset),
-                          "--output", str(output), env=yarn.environment())
+                          "--output", str(output), *BAD_DATA_ALLOWED, env=yarn.environment())
     assert_succeeded(result)
     assert "Sparkify ETL finished" in result.stdout
     assert "Submitted application application_" in result.stderr
@@ -113,7 +114,7 @@ def test_yarn_cluster_mode_reads_dl_cfg_shipped_with_files(spark, yarn, quirky_d
     --files puts in that container's working folder."""
     output = tmp_path / "lake"
     config = tmp_path / "dl.cfg"
-    config.write_text(f"[ETL]\nINPUT = {quirky_dataset}\nOUTPUT = {output}\n")
+    config.write_text(f"[ETL]\nINPUT = {quirky_dataset}\nOUTPUT = {output}\nMAX_REJECT_RATE = 0.1\n")
     result = spark_submit("yarn", "--deploy-mode", "cluster", "--files", str(config),
                           "--conf", f"spark.yarn.appMasterEnv.PYSPARK_PYTHON={sys.executable}", ETL,
                           env=yarn.environment(), cwd=tmp_path.parent)

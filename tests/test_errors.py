@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import re
+from datetime import date
 
 import pytest
 
@@ -120,6 +121,25 @@ def test_settings_repr_hides_secrets():
 
 
 def test_parse_args_accepts_the_documented_flags():
-    args = etl.parse_args(["--config", "x.cfg", "--input", "i", "--output", "o", "--verbose"])
+    args = etl.parse_args(["--config", "x.cfg", "--input", "i", "--output", "o", "--verbose",
+                           "--since", "2018-11-15", "--until", "2018-12-01", "--max-reject-rate", "0.05"])
     assert args == argparse.Namespace(config="x.cfg", input="i", output="o", verbose=True,
-                                      print_packages=False)
+                                      since=date(2018, 11, 15), until=date(2018, 12, 1),
+                                      max_reject_rate="0.05", print_packages=False)
+
+
+@pytest.mark.parametrize("argv, pattern", [
+    (["--max-reject-rate", "2"], r"The reject limit '2' is not a fraction between 0 and 1"),
+    (["--max-reject-rate", "lots"], r"The reject limit 'lots' is not a fraction"),
+    (["--since", "2018-12-01", "--until", "2018-11-01"], r"--since 2018-12-01 is not before --until 2018-11-01"),
+])
+def test_bad_load_options_are_refused_before_spark_starts(argv, pattern):
+    with pytest.raises(etl.EtlError, match=pattern):
+        etl.resolve_settings(etl.parse_args(argv), {})
+
+
+def test_a_window_bound_must_be_a_date(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        etl.parse_args(["--since", "November"])
+    assert exit_info.value.code == 2
+    assert "'November' is not a date like 2018-11-15" in capsys.readouterr().err

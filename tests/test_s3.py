@@ -10,7 +10,7 @@ import pytest
 
 import datagen
 import etl
-from conftest import free_port, run_etl
+from conftest import BAD_DATA_ALLOWED, free_port, run_etl
 from oracle import expected_tables
 from s3store import KEY_ID, REGION, SECRET, all_keys, client, s3_environment, upload
 from tables import COLUMNS, assert_one_file_per_partition_folder, read_table
@@ -35,7 +35,7 @@ def s3_run(s3_endpoint, s3_dataset, tmp_path_factory):
            "PYSPARK_SUBMIT_ARGS": f"--conf spark.eventLog.enabled=true --conf spark.eventLog.dir={events.as_uri()} "
                                   "pyspark-shell"}
     result = run_etl("--input", "s3a://sparkify-raw/udacity/", "--output", "s3://sparkify-lake/star",
-                     env=env)
+                     *BAD_DATA_ALLOWED, env=env)
     assert result.returncode == 0, result.stderr[-4000:]
     return s3, result, events
 
@@ -63,9 +63,11 @@ def test_s3a_output_has_one_object_per_partition_folder_and_no_stray_keys(s3_run
     assert_one_file_per_partition_folder([key for key in keys if key.endswith(".parquet")])
     allowed = re.compile(r"^(?:(?:songplays|users|songs|artists|time)/(?:.+/)?part-[^/]+\.parquet"
                          r"|_quarantine/(?:song|log)_data/part-[^/]+\.json"
+                         r"|_state/user_latest_event/part-[^/]+\.parquet|_runs/[^/]+\.json"
                          r"|[^/]+(?:/[^/]+)?/_SUCCESS"
                          # S3A's zero-byte directory markers of the folders above
-                         r"|(?:songplays|users|songs|artists|time|_quarantine(?:/song_data|/log_data)?)?/?)$")
+                         r"|(?:songplays|users|songs|artists|time|_quarantine(?:/song_data|/log_data)?"
+                         r"|_state(?:/user_latest_event)?|_runs)?/?)$")
     stray = [key for key in keys if not allowed.match(key)]
     markers = [key for key in keys if key.endswith("/") or not key]
     assert all(s3.head_object(Bucket="sparkify-lake", Key=f"star/{key}")["ContentLength"] == 0 for key in markers)
@@ -80,6 +82,23 @@ def test_s3a_output_is_committed_by_the_s3a_committer(s3_run):
     for table in COLUMNS:
         manifest = json.loads(s3.get_object(Bucket="sparkify-lake", Key=f"star/{table}/_SUCCESS")["Body"].read())
         assert manifest["committer"] == "magic", table
+
+
+def test_the_run_report_lands_in_the_bucket_without_the_secret(s3_run):
+    s3, _, _ = s3_run
+    (key,) = [key for key in all_keys(s3, "sparkify-lake") if key.startswith("star/_runs/")]
+    text = s3.get_object(Bucket="sparkify-lake", Key=key)["Body"].read().decode()
+    report = json.loads(text)
+    assert report["status"] == "succeeded" and report["settings"]["output_root"] == "s3a://sparkify-lake/star"
+    assert SECRET not in text and KEY_ID not in text
+    assert report["settings"]["access_key_id"] == "****" + KEY_ID[-4:]
+
+
+def test_an_incremental_load_to_s3_is_refused(s3_endpoint, s3_run):
+    result = run_etl("--input", "s3a://sparkify-raw/udacity/", "--output", "s3a://sparkify-lake/star",
+                     "--since", "2018-11-02", *BAD_DATA_ALLOWED, env=s3_environment(s3_endpoint))
+    assert result.returncode == 1
+    assert "etl.py: --since/--until replace single partitions of songplays and time" in result.stderr
 
 
 def test_secrets_never_appear_in_output_or_event_log(s3_run):
