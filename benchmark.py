@@ -6,7 +6,7 @@
 For each scale it generates the dataset once with datagen.py (kept under --work), then
 runs ``python etl.py`` in a fresh process ``--runs`` times and reports the median wall
 time, seconds per stage (from the run report), input records per second, peak resident
-memory of the whole process tree (Python driver + JVM), and files and bytes written per
+memory (PSS) of the whole process tree (Python driver + JVM), and files and bytes written per
 table. The **floor** is the least any Spark job must do with these inputs: read both
 datasets once with the explicit schemas and write them unpartitioned as parquet, in a
 fresh process, also ``--runs`` times; every ETL figure is shown with its ratio to it.
@@ -70,11 +70,14 @@ def descendants(pid: int) -> list[int]:
 
 
 def resident_bytes(pids: list[int]) -> int:
+    """Proportional set size (PSS) of ``pids``: a page shared by several processes counts
+    once in the sum. (Plain RSS counts a vfork'ed child, which shares the JVM's memory until
+    it execs chmod, as a second JVM.)"""
     total = 0
     for pid in pids:
         try:
-            for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-                if line.startswith("VmRSS:"):
+            for line in Path(f"/proc/{pid}/smaps_rollup").read_text().splitlines():
+                if line.startswith("Pss:"):
                     total += int(line.split()[1]) * 1024
         except OSError:
             pass
@@ -158,12 +161,12 @@ def measure(scale: BenchScale, runs: int, work: Path) -> dict:
         wall, peak, result = timed_run([sys.executable, "etl.py", "--input", str(data), "--output", str(output)])
         (report_path,) = (output / "_runs").glob("*.json")
         report = json.loads(report_path.read_text())
-        etl_runs.append({"wall_seconds": round(wall, 2), "peak_rss_bytes": peak, "stages": report["stages"],
+        etl_runs.append({"wall_seconds": round(wall, 2), "peak_pss_bytes": peak, "stages": report["stages"],
                          "inputs": report["inputs"], "rows": {t: f["rows"] for t, f in report["tables"].items()}})
         print(f"  {scale.name} etl run {attempt}: {wall:.1f} s, peak {peak / 2**30:.2f} GiB", flush=True)
         shutil.rmtree(floor_output, ignore_errors=True)
         wall, peak, _ = timed_run([sys.executable, __file__, "--floor", str(data), str(floor_output)])
-        floor_runs.append({"wall_seconds": round(wall, 2), "peak_rss_bytes": peak})
+        floor_runs.append({"wall_seconds": round(wall, 2), "peak_pss_bytes": peak})
         print(f"  {scale.name} floor run {attempt}: {wall:.1f} s", flush=True)
     median = statistics.median(run["wall_seconds"] for run in etl_runs)
     floor = statistics.median(run["wall_seconds"] for run in floor_runs)
@@ -172,7 +175,7 @@ def measure(scale: BenchScale, runs: int, work: Path) -> dict:
         "scale": scale.__dict__, "runs": etl_runs, "floor_runs": floor_runs,
         "median_seconds": median, "floor_median_seconds": floor, "ratio_to_floor": round(median / floor, 2),
         "records": records, "records_per_second": round(records / median),
-        "peak_rss_bytes": max(run["peak_rss_bytes"] for run in etl_runs),
+        "peak_pss_bytes": max(run["peak_pss_bytes"] for run in etl_runs),
         "median_stages": {stage: round(statistics.median(run["stages"][stage] for run in etl_runs), 2)
                           for stage in etl_runs[0]["stages"]},
         "written": written_files(output),
@@ -180,7 +183,7 @@ def measure(scale: BenchScale, runs: int, work: Path) -> dict:
 
 
 def table(results: list[dict]) -> str:
-    lines = ["| scale | songs | events | ETL median (s) | floor median (s) | ratio | records/s | peak RSS (GiB) | stages, median s |",
+    lines = ["| scale | songs | events | ETL median (s) | floor median (s) | ratio | records/s | peak memory (GiB) | stages, median s |",
              "|---|---|---|---|---|---|---|---|---|"]
     for result in results:
         scale = result["scale"]
@@ -188,7 +191,7 @@ def table(results: list[dict]) -> str:
         lines.append(f"| {scale['name']} | {scale['songs']:,} | {result['runs'][0]['inputs']['log_data']['records']:,} "
                      f"| {result['median_seconds']:.1f} ({', '.join(str(r['wall_seconds']) for r in result['runs'])}) "
                      f"| {result['floor_median_seconds']:.1f} | {result['ratio_to_floor']:.2f}x "
-                     f"| {result['records_per_second']:,} | {result['peak_rss_bytes'] / 2**30:.2f} | {stages} |")
+                     f"| {result['records_per_second']:,} | {result['peak_pss_bytes'] / 2**30:.2f} | {stages} |")
     lines += ["", "| scale | table | files | partition folders | bytes |", "|---|---|---|---|---|"]
     for result in results:
         for name, facts in result["written"].items():

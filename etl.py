@@ -346,6 +346,12 @@ def build_spark_session(settings: Settings) -> SparkSession:
         # per file. Thousands of partition files make this most of the run time. (YARN's
         # client cannot stage its uploads through the raw filesystem, so not there.)
         builder = builder.config("spark.hadoop.fs.file.impl", "org.apache.hadoop.fs.RawLocalFileSystem")
+    submit_args = os.environ.get("PYSPARK_SUBMIT_ARGS", "")
+    if (master.startswith("local") and not under_spark_submit() and sys.platform.startswith("linux")
+            and "--driver-java-options" not in submit_args and "extraJavaOptions" not in submit_args):
+        # Each of those chmod forks goes through posix_spawn and a helper process by
+        # default; vfork starts chmod directly: -18% load time at prod scale (70 s -> 57-61 s).
+        builder = builder.config("spark.driver.extraJavaOptions", "-Djdk.lang.Process.launchMechanism=VFORK")
     if settings.uses_s3() and not under_spark_submit():
         # Only a JVM this process starts can still take jars; spark-submit passes its own.
         for key, value in connector_confs(settings.packages).items():
