@@ -84,12 +84,10 @@ class Settings:
 
     def redacted(self) -> dict[str, object]:
         """The effective settings for the run report: no secret, the key id masked."""
-        shown = {name: value for name, value in vars(self).items()
-                 if name not in ("secret_access_key", "session_token")}
-        if self.access_key_id:
-            shown["access_key_id"] = "****" + self.access_key_id[-4:]
-        shown["secret_access_key"] = "****" if self.secret_access_key else None
-        shown["session_token"] = "****" if self.session_token else None
+        shown = {**vars(self),
+                 "access_key_id": "****" + self.access_key_id[-4:] if self.access_key_id else None,
+                 "secret_access_key": "****" if self.secret_access_key else None,
+                 "session_token": "****" if self.session_token else None}
         return {name: value.isoformat() if isinstance(value, date) else value for name, value in shown.items()}
 
 
@@ -905,7 +903,8 @@ def quality_gate(tables: dict[str, DataFrame], fresh_songplays: DataFrame, plays
     ]
     distinct_events = (plays.where(F.col("page") == "NextSong")
                        .select(F.col("userId").cast("int"), "sessionId", "itemInSession", "ts").distinct().count())
-    results.append(count_check("songplays", "one row per distinct NextSong event", fresh_songplays.count(),
+    fresh_rows = rows["songplays"] if fresh_songplays is songplays else fresh_songplays.count()
+    results.append(count_check("songplays", "one row per distinct NextSong event", fresh_rows,
                                distinct_events, "rows"))
     for batch in batches:
         results.append(count_check(batch.dataset, "records read = accepted + quarantined",
@@ -1005,18 +1004,25 @@ def hadoop_path(spark: SparkSession, uri: str):
     return path, path.getFileSystem(spark.sparkContext._jsc.hadoopConfiguration())
 
 
-def committed_table(spark: SparkSession, output_root: str, name: str) -> DataFrame | None:
-    """A table an earlier run wrote completely, None when there is none; an incomplete one
-    (its writer stopped before the commit's _SUCCESS marker) is an error."""
+def is_committed(spark: SparkSession, output_root: str, name: str) -> bool:
+    """Whether an earlier run wrote the table completely; False when there is none, and an
+    error for an incomplete one (its writer stopped before the _SUCCESS marker)."""
     location = table_path(output_root, name)
     folder, fs = hadoop_path(spark, location)
     if not fs.exists(folder):
-        return None
+        return False
     if not fs.exists(hadoop_path(spark, f"{location}/_SUCCESS")[0]):
         raise EtlError(f"{location} is incomplete (no _SUCCESS: the run writing it stopped early), so an "
                        "incremental load cannot build on it. Run a full load (without --since/--until) first.")
+    return True
+
+
+def committed_table(spark: SparkSession, output_root: str, name: str) -> DataFrame | None:
+    """A table an earlier run wrote completely, or None when there is none."""
+    if not is_committed(spark, output_root, name):
+        return None
     # Cut the lineage to the files: the merged result is written back over them.
-    return spark.read.parquet(location).localCheckpoint()
+    return spark.read.parquet(table_path(output_root, name)).localCheckpoint()
 
 
 def write_text(spark: SparkSession, uri: str, text: str) -> None:
@@ -1188,7 +1194,7 @@ def process_log_data(spark: SparkSession, settings: Settings, report: RunReport,
     songplays = fresh
     if settings.incremental():
         previous_state = committed_table(spark, settings.output_root, USER_STATE.name)
-        if previous_state is None and committed_table(spark, settings.output_root, USERS.name) is not None:
+        if previous_state is None and is_committed(spark, settings.output_root, USERS.name):
             raise EtlError(f"{settings.output_root} has a users table but no {USER_STATE.name}, so users "
                            "cannot be merged. Run a full load (without --since/--until) once first.")
         if previous_state is not None:
@@ -1202,18 +1208,16 @@ def process_log_data(spark: SparkSession, settings: Settings, report: RunReport,
                      time_table(songplays).persist())
 
 
-def load(settings: Settings, song_tables: SongTables, log_tables: LogTables,
+def load(settings: Settings, tables: dict[str, DataFrame], user_state: DataFrame,
          rows: dict[str, int]) -> dict[str, dict[str, object]]:
     """Write the five tables (and the users state); an incremental load replaces only the
     songplays and time partitions its window touches."""
-    frames = {"songs": song_tables.songs, "artists": song_tables.artists, "users": log_tables.users,
-              "songplays": log_tables.songplays, "time": log_tables.time}
     written = {}
     for spec in TABLE_SPECS:
         partial = settings.incremental() and spec in (SONGPLAYS, TIME)
-        write_table(frames[spec.name], spec, settings.output_root, replace_partitions=partial)
+        write_table(tables[spec.name], spec, settings.output_root, replace_partitions=partial)
         written[spec.name] = {"rows": rows[spec.name], "written": "touched partitions" if partial else "whole table"}
-    write_table(log_tables.user_state, USER_STATE, settings.output_root)
+    write_table(user_state, USER_STATE, settings.output_root)
     return written
 
 
@@ -1227,7 +1231,7 @@ def run(spark: SparkSession, settings: Settings, report: RunReport) -> None:
                                  log_tables.plays, [song_tables.batch, log_tables.batch])
     report.checks = [asdict(result) for result in results]
     enforce_quality_gate(results)
-    report.tables = report.timed("load", load, settings, song_tables, log_tables, rows)
+    report.tables = report.timed("load", load, settings, tables, log_tables.user_state, rows)
 
 
 # =============================================================================
