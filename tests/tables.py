@@ -1,7 +1,8 @@
-"""Reading written tables back for comparison with the oracle."""
+"""Reading written tables and run reports back for comparison with the oracle."""
 
 from __future__ import annotations
 
+import json
 from collections import Counter, defaultdict
 from pathlib import Path
 from typing import Iterable
@@ -54,3 +55,9 @@ def assert_one_file_per_partition_folder(data_files: Iterable[str]) -> None:
         assert folders[table], f"{table} has no data files"
         assert set(folders[table].values()) == {1}, f"{table} has a folder with several files"
         assert {len(folder.split("/")) if folder else 0 for folder in folders[table]} == {depth}, table
+
+
+def run_reports(output: Path) -> list[dict]:
+    """The run reports under ``output/_runs/``, oldest first."""
+    reports = [json.loads(path.read_text()) for path in (output / "_runs").glob("*.json")]
+    return sorted(reports, key=lambda report: report["started_at"] + report["run_id"])

@@ -3,7 +3,6 @@ run report, a run killed mid-write and run again, and incremental loads."""
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 import signal
@@ -21,15 +20,9 @@ import datagen
 import etl
 from conftest import BAD_DATA_ALLOWED, NON_UTC_ZONE, REPO, run_etl
 from oracle import expected_tables
-from tables import COLUMNS, assert_one_file_per_partition_folder, local_data_files, read_table
+from tables import COLUMNS, assert_one_file_per_partition_folder, local_data_files, read_table, run_reports
 
 TABLES = tuple(COLUMNS)
-
-
-def run_reports(output: Path) -> list[dict]:
-    """The run reports under ``output/_runs/``, oldest first."""
-    reports = [json.loads(path.read_text()) for path in (output / "_runs").glob("*.json")]
-    return sorted(reports, key=lambda report: report["started_at"] + report["run_id"])
 
 
 def assert_loaded(result: subprocess.CompletedProcess) -> None:

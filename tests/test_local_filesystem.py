@@ -1,0 +1,51 @@
+"""Local tables are written without a forked ``chmod`` per file, through the NIO local
+filesystem; a first run that cannot fetch it still writes every table, more slowly."""
+
+from __future__ import annotations
+
+import stat
+
+import etl
+from conftest import BAD_DATA_ALLOWED, free_port, run_etl
+from oracle import expected_tables
+from tables import COLUMNS, read_table, run_reports
+
+NIO_JAR = "com.globalmentor_hadoop-bare-naked-local-fs-0.1.0.jar"
+
+
+def test_a_jar_fetched_before_is_found_in_either_spark_lines_ivy_home(tmp_path):
+    assert etl.cached_package_jar(etl.NIO_LOCAL_FS_PACKAGE, tmp_path) is None
+    for ivy_home in (".ivy2", ".ivy2.5.2"):  # Spark 3's, then Spark 4's (preferred)
+        jar = tmp_path / ivy_home / "jars" / NIO_JAR
+        jar.parent.mkdir(parents=True)
+        jar.write_bytes(b"PK")
+        assert etl.cached_package_jar(etl.NIO_LOCAL_FS_PACKAGE, tmp_path) == jar
+
+
+def test_local_tables_are_written_by_the_nio_filesystem_with_hadoops_permissions(quirky_dataset, tmp_path):
+    output = tmp_path / "out"
+    result = run_etl("--input", str(quirky_dataset), "--output", str(output), *BAD_DATA_ALLOWED)
+    assert result.returncode == 0, result.stderr[-3000:]
+    (report,) = run_reports(output)
+    assert report["output_filesystem"] == etl.NIO_LOCAL_FS_CLASS
+    # Hadoop's umask (022), applied by the filesystem itself, whatever this process's umask.
+    modes = {(path.is_dir(), stat.S_IMODE(path.stat().st_mode))
+             for table in COLUMNS for path in (output / table).rglob("*")}
+    assert modes == {(True, 0o755), (False, 0o644)}
+
+
+def test_a_first_run_without_maven_central_still_writes_every_table(spark, quirky_dataset, tmp_path):
+    """No jar fetched before (an empty home) and every download refused by a dead proxy."""
+    home, output, dead = tmp_path / "home", tmp_path / "out", free_port()
+    home.mkdir()
+    offline = {"HOME": str(home), "JAVA_TOOL_OPTIONS": " ".join(
+        f"-D{scheme}.proxyHost=127.0.0.1 -D{scheme}.proxyPort={dead}" for scheme in ("http", "https"))}
+    result = run_etl("--input", str(quirky_dataset), "--output", str(output), *BAD_DATA_ALLOWED, env=offline)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert f"Could not fetch {etl.NIO_LOCAL_FS_PACKAGE}" in result.stderr
+    (report,) = run_reports(output)
+    assert report["output_filesystem"] == "org.apache.hadoop.fs.RawLocalFileSystem"
+    assert report["status"] == "succeeded"
+    expected, _, _ = expected_tables(quirky_dataset)
+    for table in COLUMNS:
+        assert read_table(spark, output.as_uri(), table) == expected[table], table
