@@ -417,11 +417,30 @@ def build_spark_session(settings: Settings) -> SparkSession:
         # spark-submit cached a file:// filesystem before the jar was loaded: go around
         # the cache so that every use (driver and tasks) gets the NIO one.
         hadoop_conf.set("fs.file.impl.disable.cache", "true")
+    if (master or "local").startswith("local"):
+        drop_settings_of_unused_services(spark)
     if not spark.sparkContext.getConf().contains("spark.sql.shuffle.partitions"):
         # The tables are small: 200 shuffle tasks per aggregation cost more in scheduling
         # than the work (the quality gate's 17 checks took 26 s on the sample, 5 s so).
         spark.conf.set("spark.sql.shuffle.partitions", str(spark.sparkContext.defaultParallelism * 2))
     return spark
+
+
+# Services a local run never talks to: their defaults are ~580 of Hadoop's ~1,100 settings.
+UNUSED_LOCAL_SERVICE_SETTINGS = r"^(yarn|mapreduce\.jobhistory)\."
+
+
+def drop_settings_of_unused_services(spark: SparkSession) -> None:
+    """Leave YARN's and the job history server's defaults out of a local run's Hadoop settings.
+
+    Hadoop copies its whole configuration for every file a task opens (a JobConf for each
+    line reader) and scans it again for per-file read and per-column Parquet options: with
+    15,000 one-record song files that is most of the read. Half as many settings: the song
+    read takes ~20% less (prod, warm: 5.1 s -> 4.0 s), the songs write ~10% less.
+    """
+    conf = spark.sparkContext._jsc.hadoopConfiguration()
+    for name in list(conf.getValByRegex(UNUSED_LOCAL_SERVICE_SETTINGS).keys()):
+        conf.unset(name)
 
 
 def pyspark_version() -> str:

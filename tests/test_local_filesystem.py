@@ -49,3 +49,20 @@ def test_a_first_run_without_maven_central_still_writes_every_table(spark, quirk
     expected, _, _ = expected_tables(quirky_dataset)
     for table in COLUMNS:
         assert read_table(spark, output.as_uri(), table) == expected[table], table
+
+
+def test_a_local_run_drops_only_the_settings_of_services_it_never_uses(spark, tmp_path):
+    conf = spark.sparkContext._jsc.hadoopConfiguration()
+    kept = {name: conf.get(name) for name in ("fs.file.impl.disable.cache", "fs.s3a.connection.maximum",
+                                              "mapreduce.fileoutputcommitter.algorithm.version",
+                                              "hadoop.security.authentication")}
+    assert conf.getValByRegex("^yarn\\.").size() > 100  # YARN's defaults, before
+
+    etl.drop_settings_of_unused_services(spark)
+
+    assert conf.getValByRegex(etl.UNUSED_LOCAL_SERVICE_SETTINGS).size() == 0
+    assert {name: conf.get(name) for name in kept} == kept
+    # Jobs plan their Hadoop settings from the session's: the same smaller set, and they run.
+    assert spark._jsparkSession.sessionState().newHadoopConf().getValByRegex("^yarn\\.").size() == 0
+    spark.range(5).write.parquet(str(tmp_path / "t"))
+    assert spark.read.parquet(str(tmp_path / "t")).count() == 5
