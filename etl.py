@@ -397,8 +397,8 @@ def build_spark_session(settings: Settings) -> SparkSession:
     """The one session of a run: UTC, tiny files packed into few read tasks, local writes
     without forks, S3A when needed."""
     master = requested_master()
-    nio_local_fs = (settings.output_root.startswith("file://") and not under_spark_submit()
-                    and (master or "local").startswith("local"))
+    nio_local_fs = (settings.output_root.startswith("file://") and (master or "local").startswith("local")
+                    and not under_spark_submit() and (settings.packages or "").lower() != "none")
     try:
         spark = session_builder(settings, master, nio_local_fs).getOrCreate()
     except PySparkRuntimeError:

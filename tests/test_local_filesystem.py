@@ -34,6 +34,16 @@ def test_local_tables_are_written_by_the_nio_filesystem_with_hadoops_permissions
     assert modes == {(True, 0o755), (False, 0o644)}
 
 
+def test_packages_none_adds_no_jar_and_writes_through_hadoops_own_filesystem(tmp_path):
+    config = tmp_path / "dl.cfg"
+    config.write_text("[SPARK]\nPACKAGES = none\n")
+    result = run_etl("--config", str(config), "--output", str(tmp_path / "out"))
+    assert result.returncode == 0, result.stderr[-3000:]
+    (report,) = run_reports(tmp_path / "out")
+    assert report["status"] == "succeeded"
+    assert report["output_filesystem"] == "org.apache.hadoop.fs.RawLocalFileSystem"
+
+
 def test_a_first_run_without_maven_central_still_writes_every_table(spark, quirky_dataset, tmp_path):
     """No jar fetched before (an empty home) and every download refused by a dead proxy."""
     home, output, dead = tmp_path / "home", tmp_path / "out", free_port()
