@@ -397,8 +397,9 @@ def build_spark_session(settings: Settings) -> SparkSession:
     """The one session of a run: UTC, tiny files packed into few read tasks, local writes
     without forks, S3A when needed."""
     master = requested_master()
-    nio_local_fs = (settings.output_root.startswith("file://") and (master or "local").startswith("local")
-                    and not under_spark_submit() and (settings.packages or "").lower() != "none")
+    local = (master or "local").startswith("local")
+    nio_local_fs = (settings.output_root.startswith("file://") and local and not under_spark_submit()
+                    and (settings.packages or "").lower() != "none")
     try:
         spark = session_builder(settings, master, nio_local_fs).getOrCreate()
     except PySparkRuntimeError:
@@ -417,7 +418,7 @@ def build_spark_session(settings: Settings) -> SparkSession:
         # spark-submit cached a file:// filesystem before the jar was loaded: go around
         # the cache so that every use (driver and tasks) gets the NIO one.
         hadoop_conf.set("fs.file.impl.disable.cache", "true")
-    if (master or "local").startswith("local"):
+    if local:
         drop_settings_of_unused_services(spark)
     if not spark.sparkContext.getConf().contains("spark.sql.shuffle.partitions"):
         # The tables are small: 200 shuffle tasks per aggregation cost more in scheduling
