@@ -4,7 +4,8 @@
     python benchmark.py --scale prod --scale large --runs 3 --json benchmarks/latest.json
 
 For each scale it generates the dataset once with datagen.py (kept under --work), then
-runs ``python etl.py`` in a fresh process ``--runs`` times and reports the median wall
+runs ``python etl.py`` in a fresh process ``--runs`` times, each into a new output folder
+(earlier outputs are deleted before a scale's runs: see clear_earlier_outputs), and reports the median wall
 time, seconds per stage (from the run report), input records per second, peak resident
 memory (PSS) of the whole process tree (Python driver + JVM), and files and bytes written per
 table. The **floor** is the least any Spark job must do with these inputs: read both
@@ -152,19 +153,40 @@ def dataset_for(scale: BenchScale, work: Path) -> Path:
     return root
 
 
+# This machine's ext4 root has no journal, and ext4 then skips each inode freed in the
+# last 60 s (360 s while its inode table block is unwritten) when it allocates new ones,
+# checking them one by one. Writing the songs folders right after deleting the previous
+# run's took 36 s instead of 22 s at large (94,206 folders; /tmp/exp/wlarge.py, session 4).
+# So earlier outputs are deleted once per scale, before its runs, and left to age; each
+# run writes into a folder of its own.
+FREED_INODE_WAIT_SECONDS = 65
+
+
+def clear_earlier_outputs(work: Path) -> None:
+    earlier = [folder for folder in (work / "out", work / "floor") if folder.exists()]
+    if not earlier:
+        return
+    for folder in earlier:
+        shutil.rmtree(folder)
+    os.sync()
+    print(f"  deleted earlier outputs under {work}; waiting {FREED_INODE_WAIT_SECONDS} s for the filesystem "
+          "to stop skipping their freed inodes", flush=True)
+    time.sleep(FREED_INODE_WAIT_SECONDS)
+
+
 def measure(scale: BenchScale, runs: int, work: Path) -> dict:
     data = dataset_for(scale, work)
-    output, floor_output = work / "out" / scale.name, work / "floor" / scale.name
+    clear_earlier_outputs(work)
     etl_runs, floor_runs = [], []
     for attempt in range(1, runs + 1):
-        shutil.rmtree(output, ignore_errors=True)
+        output = work / "out" / scale.name / f"run-{attempt}"
         wall, peak, result = timed_run([sys.executable, "etl.py", "--input", str(data), "--output", str(output)])
         (report_path,) = (output / "_runs").glob("*.json")
         report = json.loads(report_path.read_text())
         etl_runs.append({"wall_seconds": round(wall, 2), "peak_pss_bytes": peak, "stages": report["stages"],
                          "inputs": report["inputs"], "rows": {t: f["rows"] for t, f in report["tables"].items()}})
         print(f"  {scale.name} etl run {attempt}: {wall:.1f} s, peak {peak / 2**30:.2f} GiB", flush=True)
-        shutil.rmtree(floor_output, ignore_errors=True)
+        floor_output = work / "floor" / scale.name / f"run-{attempt}"
         wall, peak, _ = timed_run([sys.executable, __file__, "--floor", str(data), str(floor_output)])
         floor_runs.append({"wall_seconds": round(wall, 2), "peak_pss_bytes": peak})
         print(f"  {scale.name} floor run {attempt}: {wall:.1f} s", flush=True)

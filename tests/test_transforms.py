@@ -83,6 +83,51 @@ def test_distinct_plays_keeps_one_copy_of_a_twice_delivered_event(spark):
     assert sorted(row.item_in_session for row in plays.collect()) == [4, 5]
 
 
+def redelivered_events() -> list[dict]:
+    """Plays delivered once, twice (the same and with differing copies) and three times,
+    plus a non-play event sharing a play's key."""
+    return [
+        event(itemInSession=1),
+        event(itemInSession=2), event(itemInSession=2),
+        event(itemInSession=3, level="paid", userAgent='"B"'), event(itemInSession=3, level="free", userAgent='"A"'),
+        event(itemInSession=4, ts=7), event(itemInSession=4, ts=7, song="Zeta"), event(itemInSession=4, ts=7),
+        event(itemInSession=4, ts=8),
+        event(itemInSession=1, page="Home"),
+        event(userId="40", itemInSession=1),
+    ]
+
+
+def expected_distinct_plays(events: list[dict]) -> list[tuple]:
+    """Computed in Python: per (user, session, item, ts) key, the copy whose other fields sort first."""
+    columns = ("level", "song", "artist", "length", "location", "userAgent")
+    copies: dict[tuple, list[tuple]] = {}
+    for e in events:
+        if e["page"] == "NextSong":
+            key = (int(e["userId"]), e["sessionId"], e["itemInSession"], e["ts"])
+            copies.setdefault(key, []).append(tuple(e[c] for c in columns))
+    return sorted((*key, *min(values)) for key, values in copies.items())
+
+
+def test_distinct_plays_sorts_only_repeated_plays_and_keeps_the_same_copies(spark):
+    events = redelivered_events()
+    frame = events_df(spark, *events).repartition(3)
+    repeated = etl.repeated_plays(etl.next_song_plays(frame))
+    assert sorted(tuple(row) for row in repeated.collect()) == [(39, 38, 2, 1541105830796, 2),
+                                                               (39, 38, 3, 1541105830796, 2), (39, 38, 4, 7, 3)]
+    fast, full = etl.distinct_plays(frame, repeated), etl.distinct_plays(frame)
+    assert fast.dtypes == full.dtypes
+    assert sorted(tuple(row) for row in fast.collect()) == expected_distinct_plays(events)
+    assert_frames_equal(fast, full)
+
+
+def test_distinct_event_count_subtracts_extra_copies(spark):
+    events = redelivered_events()
+    plays = etl.next_song_plays(events_df(spark, *events))
+    assert etl.distinct_event_count(plays, etl.repeated_plays(plays)) == len(expected_distinct_plays(events)) == 6
+    single = etl.next_song_plays(events_df(spark, event()))
+    assert etl.distinct_event_count(single, etl.repeated_plays(single)) == 1
+
+
 def test_songplays_table_picks_smallest_song_id_when_several_songs_match(spark):
     matches = matches_df(
         spark,
