@@ -76,3 +76,18 @@ def test_a_local_run_drops_only_the_settings_of_services_it_never_uses(spark, tm
     assert spark._jsparkSession.sessionState().newHadoopConf().getValByRegex("^yarn\\.").size() == 0
     spark.range(5).write.parquet(str(tmp_path / "t"))
     assert spark.read.parquet(str(tmp_path / "t")).count() == 5
+
+
+def test_local_runs_take_the_parallel_collector_unless_the_user_chose_one(monkeypatch):
+    settings = etl.Settings("file:///data", "file:///lake")
+    monkeypatch.delenv("PYSPARK_SUBMIT_ARGS", raising=False)
+    monkeypatch.delenv("PYSPARK_GATEWAY_PORT", raising=False)
+    for name in etl.JVM_OPTION_VARIABLES:
+        monkeypatch.delenv(name, raising=False)
+
+    def driver_options() -> list[str]:
+        return etl.session_builder(settings, None, False)._options["spark.driver.extraJavaOptions"].split()
+
+    assert driver_options() == ["-Djdk.lang.Process.launchMechanism=VFORK", "-XX:+UseParallelGC"]
+    monkeypatch.setenv("JAVA_TOOL_OPTIONS", "-Xss4m -XX:+UseG1GC")  # two collectors: the JVM would not start
+    assert driver_options() == ["-Djdk.lang.Process.launchMechanism=VFORK"]
