@@ -858,9 +858,11 @@ def distinct_plays(events: DataFrame, repeated: DataFrame | None = None) -> Data
     plays = next_song_plays(events)
     if repeated is None:
         return one_record_per_key(plays, PLAY_KEY, [], PLAY_COLUMNS)
-    same_key = [plays[column].eqNullSafe(repeated[column]) for column in PLAY_KEY]
-    once = plays.join(repeated, same_key, "left_anti")
-    picked = one_record_per_key(plays.join(repeated, same_key, "left_semi"), PLAY_KEY, [], PLAY_COLUMNS)
+    # Renamed: both sides come from the same events, and same-named columns would be ambiguous.
+    keys = repeated.select(*(F.col(column).alias(f"repeated_{column}") for column in PLAY_KEY))
+    same_key = [F.col(column).eqNullSafe(F.col(f"repeated_{column}")) for column in PLAY_KEY]
+    once = plays.join(keys, same_key, "left_anti")
+    picked = one_record_per_key(plays.join(keys, same_key, "left_semi"), PLAY_KEY, [], PLAY_COLUMNS)
     return once.unionByName(picked)
 
 
