@@ -1327,8 +1327,9 @@ def process_log_data(spark: SparkSession, settings: Settings, report: RunReport,
     batch = extract(spark, settings, report, "log_data", LOG_SCHEMA, classify_log_events)
     events = events_within(batch.accepted_records, settings.since, settings.until)
     latest = latest_user_events(events)
-    repeated = repeated_plays(next_song_plays(events)).persist()
-    distinct_events = distinct_event_count(next_song_plays(events), repeated)
+    plays = next_song_plays(events)
+    repeated = repeated_plays(plays).persist()
+    distinct_events = distinct_event_count(plays, repeated)
     fresh = songplays_table(distinct_plays(events, repeated), song_tables.matches)
     songplays = fresh
     if settings.incremental():
