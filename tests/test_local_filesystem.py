@@ -63,19 +63,29 @@ def test_a_first_run_without_maven_central_still_writes_every_table(spark, quirk
 
 def test_a_local_run_drops_only_the_settings_of_services_it_never_uses(spark, tmp_path):
     conf = spark.sparkContext._jsc.hadoopConfiguration()
-    kept = {name: conf.get(name) for name in ("fs.file.impl.disable.cache", "fs.s3a.connection.maximum",
+    kept = {name: conf.get(name) for name in ("fs.defaultFS", "fs.s3a.connection.maximum",
                                               "mapreduce.fileoutputcommitter.algorithm.version",
-                                              "hadoop.security.authentication")}
+                                              "mapreduce.output.fileoutputformat.compress",
+                                              "io.file.buffer.size", "hadoop.security.authentication")}
+    assert None not in kept.values()
     assert conf.getValByRegex("^yarn\\.").size() > 100  # YARN's defaults, before
+    assert conf.getValByRegex("^ipc\\.").size() > 10  # Hadoop RPC's
+    without_s3 = spark._jvm.org.apache.hadoop.conf.Configuration(conf)
 
-    etl.drop_settings_of_unused_services(spark)
+    etl.drop_settings_of_unused_services(conf, uses_s3=True)
 
     assert conf.getValByRegex(etl.UNUSED_LOCAL_SERVICE_SETTINGS).size() == 0
     assert {name: conf.get(name) for name in kept} == kept
     # Jobs plan their Hadoop settings from the session's: the same smaller set, and they run.
-    assert spark._jsparkSession.sessionState().newHadoopConf().getValByRegex("^yarn\\.").size() == 0
+    assert spark._jsparkSession.sessionState().newHadoopConf().getValByRegex("^(yarn|ipc)\\.").size() == 0
     spark.range(5).write.parquet(str(tmp_path / "t"))
     assert spark.read.parquet(str(tmp_path / "t")).count() == 5
+    # Without an S3 root, S3A's defaults go too (on a copy: later tests here read S3).
+    etl.drop_settings_of_unused_services(without_s3, uses_s3=False)
+    assert without_s3.getValByRegex(etl.S3A_SETTINGS).size() == 0
+    assert without_s3.get("fs.s3a.connection.maximum") is None
+    assert without_s3.get("mapreduce.fileoutputcommitter.algorithm.version") == kept[
+        "mapreduce.fileoutputcommitter.algorithm.version"]
 
 
 def test_local_runs_take_the_parallel_collector_unless_the_user_chose_one(monkeypatch):
