@@ -737,7 +737,7 @@ def with_reject_reason(records: DataFrame, reason: Column) -> DataFrame:
 
 
 def classify_song_records(records: DataFrame) -> DataFrame:
-    """Song records with ``reject_reason`` set on the ones no table can use."""
+    """Song records with ``reject_reason`` set on the ones no table can use (and their ``record``)."""
     return with_reject_reason(records, _reject_reason(
         (F.coalesce(F.trim("song_id"), F.lit("")) == "", "missing song_id"),
         (F.coalesce(F.trim("artist_id"), F.lit("")) == "", "missing artist_id"),
@@ -745,7 +745,7 @@ def classify_song_records(records: DataFrame) -> DataFrame:
 
 
 def classify_log_events(events: DataFrame) -> DataFrame:
-    """Log events with ``reject_reason`` set on the ones no table can use."""
+    """Log events with ``reject_reason`` set on the ones no table can use (and their ``record``)."""
     logged_in = F.col("userId") != ""
     return with_reject_reason(events, _reject_reason(
         (F.col("ts").isNull(), "missing ts"),
