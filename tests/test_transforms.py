@@ -69,6 +69,28 @@ def test_users_table_ignores_logged_out_events(spark):
     assert [row.user_id for row in etl.users_table(events).collect()] == [3]
 
 
+def test_users_table_breaks_ties_at_the_latest_ts_by_the_whole_record(spark):
+    events = [
+        event(userId="15", ts=3000, sessionId=7, itemInSession=1, level="free", lastName="A"),
+        event(userId="15", ts=3000, sessionId=7, itemInSession=2, level="paid", lastName="B"),
+        event(userId="15", ts=3000, sessionId=6, itemInSession=9, level="paid", lastName="C"),
+        event(userId="15", ts=2000, sessionId=9, itemInSession=9, level="free", lastName="D"),
+        event(userId="8", ts=500, sessionId=1, itemInSession=0, level="free", lastName="E"),
+        event(userId="8", ts=500, sessionId=1, itemInSession=0, level="paid", lastName="F"),
+    ]
+    # Independently: the greatest (ts, sessionId, itemInSession, firstName, lastName, gender, level).
+    latest = {}
+    for record in events:
+        order = tuple(record[name] for name in etl.USER_EVENT_COLUMNS)
+        if record["userId"] not in latest or order > latest[record["userId"]][0]:
+            latest[record["userId"]] = (order, record)
+    expected = spark.createDataFrame(
+        [(int(user), r["firstName"], r["lastName"], r["gender"], r["level"]) for user, (_, r) in latest.items()],
+        "user_id int, first_name string, last_name string, gender string, level string")
+    assert sorted(r["lastName"] for _, r in latest.values()) == ["B", "F"]
+    assert_frames_equal(etl.users_table(events_df(spark, *events)), expected)
+
+
 # --- songplays ---------------------------------------------------------------
 
 def matches_df(spark, *songs):
@@ -305,25 +327,3 @@ def test_load_and_classify_keeps_unused_fields_only_in_the_quarantined_text(spar
     assert [(row.reject_reason, row.record) for row in batch.rejected_records.collect()] == [
         ("a field has the wrong type", lines[1])]
     assert (batch.records, batch.accepted, batch.rejects) == (2, 1, {"a field has the wrong type": 1})
-
-
-def test_users_table_breaks_ties_at_the_latest_ts_by_the_whole_record(spark):
-    events = [
-        event(userId="15", ts=3000, sessionId=7, itemInSession=1, level="free", lastName="A"),
-        event(userId="15", ts=3000, sessionId=7, itemInSession=2, level="paid", lastName="B"),
-        event(userId="15", ts=3000, sessionId=6, itemInSession=9, level="paid", lastName="C"),
-        event(userId="15", ts=2000, sessionId=9, itemInSession=9, level="free", lastName="D"),
-        event(userId="8", ts=500, sessionId=1, itemInSession=0, level="free", lastName="E"),
-        event(userId="8", ts=500, sessionId=1, itemInSession=0, level="paid", lastName="F"),
-    ]
-    # Independently: the greatest (ts, sessionId, itemInSession, firstName, lastName, gender, level).
-    latest = {}
-    for record in events:
-        order = tuple(record[name] for name in etl.USER_EVENT_COLUMNS)
-        if record["userId"] not in latest or order > latest[record["userId"]][0]:
-            latest[record["userId"]] = (order, record)
-    expected = spark.createDataFrame(
-        [(int(user), r["firstName"], r["lastName"], r["gender"], r["level"]) for user, (_, r) in latest.items()],
-        "user_id int, first_name string, last_name string, gender string, level string")
-    assert sorted(r["lastName"] for _, r in latest.values()) == ["B", "F"]
-    assert_frames_equal(etl.users_table(events_df(spark, *events)), expected)
