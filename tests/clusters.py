@@ -218,6 +218,11 @@ class YarnCluster:
                    "-jhsport", str(free_port()), "-writeConfig", str(site), "-writeDetails", str(details)]
         for name, address in addresses.items():
             command += ["-D", f"{name}={address}"]
+        # A NodeManager whose disk is over 90% used reports itself unhealthy and gets no
+        # containers: every application would wait in ACCEPTED until spark-submit timed out.
+        # The test machine's disk is shared with everything else on it: no such limit here.
+        command += ["-D", "yarn.nodemanager.disk-health-checker.max-disk-utilization-per-disk-percentage=100.0",
+                    "-D", "yarn.nodemanager.disk-health-checker.min-free-space-per-disk-mb=0"]
         try:
             self.daemons.start("minicluster", command, cluster_environment())
             wait_for(lambda: self.daemons.assert_running() and details.exists() and site.exists(),
