@@ -101,3 +101,22 @@ def test_local_runs_take_the_parallel_collector_unless_the_user_chose_one(monkey
     assert driver_options() == ["-Djdk.lang.Process.launchMechanism=VFORK", "-XX:+UseParallelGC"]
     monkeypatch.setenv("JAVA_TOOL_OPTIONS", "-Xss4m -XX:+UseG1GC")  # two collectors: the JVM would not start
     assert driver_options() == ["-Djdk.lang.Process.launchMechanism=VFORK"]
+
+
+def test_local_runs_get_a_2_gb_driver_unless_the_user_sized_it(monkeypatch):
+    settings = etl.Settings("file:///data", "file:///lake")
+    monkeypatch.delenv("PYSPARK_SUBMIT_ARGS", raising=False)
+    monkeypatch.delenv("PYSPARK_GATEWAY_PORT", raising=False)
+    monkeypatch.delenv("SPARK_DRIVER_MEMORY", raising=False)
+
+    def driver_memory(master: str | None = None) -> str | None:
+        return etl.session_builder(settings, master, False)._options.get("spark.driver.memory")
+
+    assert driver_memory() == "2g"
+    assert driver_memory("yarn") is None  # a cluster's driver is sized by its own settings
+    for submit_args in ("--driver-memory 6g pyspark-shell", "--conf spark.driver.memory=6g pyspark-shell"):
+        monkeypatch.setenv("PYSPARK_SUBMIT_ARGS", submit_args)
+        assert driver_memory() is None
+    monkeypatch.delenv("PYSPARK_SUBMIT_ARGS")
+    monkeypatch.setenv("SPARK_DRIVER_MEMORY", "6g")
+    assert driver_memory() is None
