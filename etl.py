@@ -377,13 +377,15 @@ def session_builder(settings: Settings, master: str | None, nio_local_fs: bool) 
         # raw filesystem, so not there.)
         builder = builder.config("spark.hadoop.fs.file.impl", "org.apache.hadoop.fs.RawLocalFileSystem")
     submit_args = os.environ.get("PYSPARK_SUBMIT_ARGS", "")
-    if (master.startswith("local") and not under_spark_submit() and not os.environ.get("SPARK_DRIVER_MEMORY")
+    # Only a local JVM this process starts takes JVM settings from here.
+    starts_local_jvm = master.startswith("local") and not under_spark_submit()
+    if (starts_local_jvm and not os.environ.get("SPARK_DRIVER_MEMORY")
             and not re.search(r"--driver-memory|spark\.driver\.memory", submit_args)):
         # The driver is the whole local cluster. With Spark's 1 GB default the gate's hash
         # aggregations spill and the GC works harder: quality gate 32.5 and 33.5 s at large,
         # 29.2 and 29.9 s with 2 GB (alternating runs), at a peak of 2.2-2.3 GiB (PSS).
         builder = builder.config("spark.driver.memory", LOCAL_DRIVER_MEMORY)
-    if (master.startswith("local") and not under_spark_submit() and sys.platform.startswith("linux")
+    if (starts_local_jvm and sys.platform.startswith("linux")
             and "--driver-java-options" not in submit_args and "extraJavaOptions" not in submit_args):
         # Where chmod is still forked (no NIO filesystem), each fork goes through posix_spawn
         # and a helper process by default; vfork starts chmod directly: -18% load time at prod.
