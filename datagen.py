@@ -10,7 +10,10 @@ datasets described in SPEC.md section 1:
 - songs that share (title, artist_name, duration), so a play matches several songs;
 - logged-out events with ``userId ""`` and null names; users whose level changes;
 - events delivered twice; an event in the last second of every UTC day;
-- on request (``corrupt=True``) corrupt lines and files and records of unusable types.
+- on request (``corrupt=True``) what messy buckets hold: corrupt lines and files, records
+  of unusable types or out-of-range values, several JSON values on one line, a user id
+  spelled with a leading zero, gzip and bzip2 files, upper-case extensions, an empty
+  file, and files that are not input at all (``_SUCCESS``, hidden files, notes).
 
 The same arguments always produce byte-identical files.
 
@@ -20,6 +23,8 @@ The same arguments always produce byte-identical files.
 from __future__ import annotations
 
 import argparse
+import bz2
+import gzip
 import json
 import random
 import string
@@ -243,18 +248,68 @@ def _day_events(rng: random.Random, day: date, users: list[User], songs: list[di
     return events, session_id
 
 
-def _corrupt_log_lines(rng: random.Random, sample: dict) -> list[str]:
-    """Lines a real pipeline meets: truncated JSON, text where a number belongs, bad ids."""
-    truncated = _dump(sample, rng)[:57]
-    ts_as_text = _dump(dict(sample, ts="yesterday"), rng)
-    bad_user = _dump(dict(sample, userId="anonymous-7"), rng)
-    no_ts = _dump({key: value for key, value in sample.items() if key != "ts"}, rng)
-    no_page = _dump({key: value for key, value in sample.items() if key != "page"}, rng)
-    no_user = _dump({key: value for key, value in sample.items() if key != "userId"}, rng)
-    anonymous_play = _dump(dict(sample, page="NextSong", userId="", firstName=None, lastName=None), rng)
-    play_without_session = _dump(dict(sample, page="NextSong", sessionId=None), rng)
-    return [truncated, ts_as_text, bad_user, no_ts, no_page, no_user, anonymous_play, play_without_session,
-            "not json at all"]
+def _corrupt_log_lines(rng: random.Random, sample: dict, other: dict) -> list[str]:
+    """Lines a real pipeline meets: truncated JSON, text where a number belongs, bad ids,
+    out-of-range values, two events on one line."""
+    def variant(**changes) -> str:
+        return _dump(dict(sample, **changes), rng)
+
+    def without(name: str) -> str:
+        return _dump({key: value for key, value in sample.items() if key != name}, rng)
+
+    return [
+        _dump(sample, rng)[:57],  # truncated
+        variant(ts="yesterday"),
+        variant(userId="anonymous-7"),
+        without("ts"), without("page"), without("userId"),
+        variant(page="NextSong", userId="", firstName=None, lastName=None),
+        variant(page="NextSong", sessionId=None),
+        "not json at all",
+        variant(ts=10**16),  # year 318857: no timestamp holds it
+        variant(userId="99999999999"),  # does not fit the int user_id
+        variant(status="OK"),  # a wrong type in a field no table uses still rejects the record
+        variant(sessionId="abc"),
+        _dump(sample, rng) + " " + _dump(other, rng),  # two events on one line
+    ]
+
+
+def _dump_song_files(root: Path, rng: random.Random, songs: list[dict]) -> None:
+    """Song files a messy bucket holds beside the good ones."""
+    bad = root / "song_data" / "Z" / "Z" / "Z"
+    bad.mkdir(parents=True, exist_ok=True)
+
+    def song(**changes) -> dict:
+        return dict(songs[rng.randrange(len(songs))], song_id=_random_id(rng, "SO"), **changes)
+
+    (bad / "TRZZZCORRUPTFILE01.json").write_text(_dump(songs[0], rng)[:40])
+    (bad / "TRZZZBADDURATION1.json").write_text(_dump(song(duration="long"), rng))
+    (bad / "TRZZZBADYEAR00001.json").write_text(_dump(song(year=1.5), rng))
+    (bad / "TRZZZNOSONGID0001.json").write_text(_dump(dict(songs[2], song_id=None), rng))
+    (bad / "TRZZZNOARTISTID01.json").write_text(_dump(dict(songs[3], artist_id=" "), rng))
+    (bad / "TRZZZLONGARTIST01.json").write_text(_dump(song(artist_id="AR" + "X" * 300), rng))
+    (bad / "TRZZZTWOSONGS0001.json").write_text(_dump(song(), rng) + _dump(song(), rng))  # one line: rejected whole
+    (bad / "TRZZZTWOLINES0001.json").write_text(_dump(song(), rng) + "\n" + _dump(song(), rng))  # two records
+    (bad / "TRZZZUPPERCASE001.JSON").write_text(_dump(song(), rng))
+    (bad / "TRZZZGZIPPED00001.json.gz").write_bytes(gzip.compress(_dump(song(), rng).encode(), mtime=0))
+    (bad / "TRZZZNOTGZIP00001.json.gz").write_text(_dump(song(), rng))  # named .gz, but plain text
+    (bad / "TRZZZEMPTY0000001.json").write_text("")
+    (bad / "TRZZZNOTES0000001.txt").write_text("not a song")
+    (root / "song_data" / "_SUCCESS").write_text("")
+    (root / "song_data" / "Z" / ".DS_Store").write_bytes(b"\0\0\0\1Bud1")
+
+
+def _write_log_file(folder: Path, day: date, lines: list[str], offset: int, messy: bool) -> None:
+    """One day of events; in a messy bucket some days are compressed or upper-case."""
+    text = "\n".join(lines).encode()
+    name = f"{day:%Y-%m-%d}-events"
+    if messy and offset % 10 == 3:
+        (folder / f"{name}.json.gz").write_bytes(gzip.compress(text, mtime=0))
+    elif messy and offset % 10 == 5:
+        (folder / f"{name}.json.bz2").write_bytes(bz2.compress(text))
+    elif messy and offset % 10 == 7:
+        (folder / f"{name}.JSON").write_bytes(text)
+    else:
+        (folder / f"{name}.json").write_bytes(text)
 
 
 def generate(root: str | Path, scale: Scale = Scale(), seed: int = 42, corrupt: bool = False) -> None:
@@ -269,13 +324,7 @@ def generate(root: str | Path, scale: Scale = Scale(), seed: int = 42, corrupt: 
         folder.mkdir(parents=True, exist_ok=True)
         (folder / f"{track_id}.json").write_text(_dump(record, rng))
     if corrupt:
-        bad = root / "song_data" / "Z" / "Z" / "Z"
-        bad.mkdir(parents=True, exist_ok=True)
-        (bad / "TRZZZCORRUPTFILE01.json").write_text(_dump(songs[0], rng)[:40])
-        (bad / "TRZZZBADDURATION1.json").write_text(
-            _dump(dict(songs[1], song_id=_random_id(rng, "SO"), duration="long"), rng))
-        (bad / "TRZZZNOSONGID0001.json").write_text(_dump(dict(songs[2], song_id=None), rng))
-        (bad / "TRZZZNOARTISTID01.json").write_text(_dump(dict(songs[3], artist_id=" "), rng))
+        _dump_song_files(root, rng, songs)
 
     users = _users(rng, scale)
     session_id = 0
@@ -283,6 +332,12 @@ def generate(root: str | Path, scale: Scale = Scale(), seed: int = 42, corrupt: 
     for offset in range(scale.days):
         day = scale.start + timedelta(days=offset)
         events, session_id = _day_events(rng, day, users, songs, scale.events_per_day, session_id)
+        if corrupt and offset == 1:
+            # One user's id spelled with and without a leading zero: still one user.
+            user = next(event["userId"] for event in events if event["userId"])
+            mine = [index for index, event in enumerate(events) if event["userId"] == user]
+            for index in mine[1::2]:
+                events[index] = dict(events[index], userId="0" + user)
         lines = [_dump(event, rng) for event in resend]  # late re-deliveries of yesterday's events
         resend = []
         for event in events:
@@ -292,11 +347,20 @@ def generate(root: str | Path, scale: Scale = Scale(), seed: int = 42, corrupt: 
             elif rng.random() < 0.003:
                 resend.append(event)  # delivered again in tomorrow's file
         if corrupt and offset % 10 == 0:
-            for line in _corrupt_log_lines(rng, events[0]):
+            for line in _corrupt_log_lines(rng, events[0], events[-1]):
                 lines.insert(rng.randrange(len(lines) + 1), line)
         folder = root / "log_data" / f"{day:%Y}" / f"{day:%m}"
         folder.mkdir(parents=True, exist_ok=True)
-        (folder / f"{day:%Y-%m-%d}-events.json").write_text("\n".join(lines))
+        _write_log_file(folder, day, lines, offset, corrupt)
+    if corrupt:
+        logs = root / "log_data"
+        (logs / "_SUCCESS").write_text("")
+        (logs / f"{scale.start:%Y}" / ".hidden").mkdir(exist_ok=True)
+        (logs / f"{scale.start:%Y}" / ".hidden" / "old-events.json").write_text("{}")
+        month = logs / f"{scale.start:%Y}" / f"{scale.start:%m}"
+        (month / "README.md").write_text("events of the month\n")
+        (month / "archive.json.zst").write_bytes(b"(\xb5/\xfd")
+        (month / "broken-events.json.gz").write_bytes(b"this is not gzip data")
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -1,112 +1,170 @@
-"""s3a end to end against a real S3 protocol server (moto) on 127.0.0.1, and the S3 preflight."""
+"""S3 end to end against a real S3 protocol server (S3Proxy, which checks signatures) on
+127.0.0.1, every request counted by a proxy in front of it; the S3 preflight and its
+errors, from the server's own 403 answers where it gives them."""
 
 from __future__ import annotations
 
 import json
 import re
+from collections import Counter
 from pathlib import Path
 
 import pytest
 
 import datagen
 import etl
-from conftest import BAD_DATA_ALLOWED, free_port, run_etl
+from conftest import (BAD_DATA_ALLOWED, S3_KEY, S3_REGION, S3_SECRET, all_keys, assert_loaded, create_bucket,
+                      download, free_port, run_etl, s3_client, s3_environment, upload)
 from oracle import expected_tables
-from s3store import KEY_ID, REGION, SECRET, all_keys, client, s3_environment, upload
-from tables import COLUMNS, assert_one_file_per_partition_folder, read_table
+from tables import assert_one_file_per_partition_folder, quarantined, read_tables, run_reports
+
 
 @pytest.fixture(scope="module")
 def s3_dataset(tmp_path_factory) -> Path:
-    """Every quirk and kind of bad record, small: each S3 request costs the Python server time."""
+    """Every quirk and kind of bad record, small."""
     root = tmp_path_factory.mktemp("s3-input")
-    datagen.generate(root, datagen.Scale(songs=90, days=3, events_per_day=80), seed=11, corrupt=True)
+    datagen.generate(root, datagen.Scale(songs=120, days=8, events_per_day=60), seed=11, corrupt=True)
     return root
 
 
 @pytest.fixture(scope="module")
-def s3_run(s3_endpoint, s3_dataset, tmp_path_factory):
-    """The quirky dataset uploaded to one bucket, loaded by ``python etl.py`` into another
-    bucket that does not exist yet, with the Spark event log kept for inspection."""
-    s3 = client(s3_endpoint)
-    s3.create_bucket(Bucket="sparkify-raw", CreateBucketConfiguration={"LocationConstraint": REGION})
-    upload(s3, s3_dataset, "sparkify-raw", "udacity/")
+def raw_bucket(s3_endpoint, s3_dataset) -> str:
+    create_bucket(s3_endpoint, "sparkify-raw")
+    upload(s3_endpoint, s3_dataset, "sparkify-raw", "udacity/")
+    return "s3a://sparkify-raw/udacity/"
+
+
+@pytest.fixture(scope="module")
+def s3_run(counted_s3, raw_bucket, tmp_path_factory):
+    """The messy dataset loaded from one bucket into another that does not exist yet,
+    through the counting proxy, with the Spark event log kept for inspection."""
     events = tmp_path_factory.mktemp("event-log")
-    env = {**s3_environment(s3_endpoint),
+    env = {**s3_environment(counted_s3.endpoint),
            "PYSPARK_SUBMIT_ARGS": f"--conf spark.eventLog.enabled=true --conf spark.eventLog.dir={events.as_uri()} "
                                   "pyspark-shell"}
-    result = run_etl("--input", "s3a://sparkify-raw/udacity/", "--output", "s3://sparkify-lake/star",
-                     *BAD_DATA_ALLOWED, env=env)
-    assert result.returncode == 0, result.stderr[-4000:]
-    return s3, result, events
+    counted_s3.reset()
+    result = run_etl("--input", raw_bucket, "--output", "s3://sparkify-lake/star", *BAD_DATA_ALLOWED, env=env)
+    assert_loaded(result)
+    return result, counted_s3.reset(), events
 
 
-def test_s3a_run_writes_tables_that_match_the_oracle(spark, s3_endpoint, s3_dataset, s3_run):
+@pytest.fixture(scope="module")
+def s3_lake(s3_endpoint, s3_run, tmp_path_factory) -> Path:
+    """The lake the S3 run wrote, copied to a local folder to be read."""
+    return download(s3_endpoint, "sparkify-lake", "star/", tmp_path_factory.mktemp("s3-lake"))
+
+
+def test_s3_run_writes_tables_that_match_the_oracle(spark, s3_dataset, s3_lake):
     expected, songs, logs = expected_tables(s3_dataset)
     assert songs.rejects and logs.rejects, "the S3 dataset should hold bad records"
-    hadoop_conf = spark.sparkContext._jsc.hadoopConfiguration()
-    settings = etl.Settings("s3a://sparkify-lake/star", "s3a://sparkify-lake/star", KEY_ID, SECRET,
-                            region=REGION, endpoint_url=s3_endpoint)
-    for key, value in etl.s3a_options(settings).items():
-        hadoop_conf.set(key, value)
-    for table in COLUMNS:
-        assert read_table(spark, "s3a://sparkify-lake/star", table) == expected[table], table
+    assert read_tables(spark, s3_lake) == expected
 
 
-def test_s3a_run_creates_the_output_bucket_in_the_region(s3_run):
-    s3, _, _ = s3_run
-    assert s3.get_bucket_location(Bucket="sparkify-lake")["LocationConstraint"] == REGION
+def test_s3_run_quarantines_each_rejected_record_with_its_object(s3_dataset, s3_lake):
+    _, songs, logs = expected_tables(s3_dataset)
+    for dataset, model in (("song_data", songs), ("log_data", logs)):
+        kept = Counter((r["source_file"], r["reject_reason"]) for r in quarantined(s3_lake, dataset))
+        as_keys = Counter((path.replace(str(s3_dataset), "s3a://sparkify-raw/udacity"), reason)
+                          for path, reason in model.rejects)
+        assert kept == as_keys
 
 
-def test_s3a_output_has_one_object_per_partition_folder_and_no_stray_keys(s3_run):
-    s3, _, _ = s3_run
-    keys = [key[len("star/"):] for key in all_keys(s3, "sparkify-lake")]
+def test_s3_run_accounts_for_every_object_listed(s3_dataset, s3_lake):
+    _, songs, logs = expected_tables(s3_dataset)
+    (report,) = run_reports(s3_lake)
+    for dataset, model in (("song_data", songs), ("log_data", logs)):
+        facts = report["inputs"][dataset]
+        assert (facts["files_read"], facts["files_skipped"]) == (len(model.read), len(model.skipped))
+
+
+def test_s3_run_creates_the_output_bucket(s3_endpoint, s3_run):
+    result, requests, _ = s3_run
+    assert requests["CREATE_BUCKET"] == 1 and "created the output bucket sparkify-lake in eu-west-1" in result.stderr
+
+
+def test_the_output_bucket_is_created_in_the_configured_region():
+    """S3Proxy keeps no bucket regions: moto's server, which does, checks this one."""
+    from moto.server import ThreadedMotoServer
+
+    port = free_port()
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
+    server.start()
+    try:
+        access = etl.S3Access(S3_REGION, f"http://127.0.0.1:{port}", S3_KEY, S3_SECRET)
+        etl.S3Lake("s3a://regional-lake/star", access).probe()
+        assert access.client().get_bucket_location(Bucket="regional-lake")["LocationConstraint"] == S3_REGION
+    finally:
+        server.stop()
+
+
+def test_s3_output_has_one_object_per_partition_folder_and_no_stray_keys(s3_endpoint, s3_run):
+    keys = [key[len("star/"):] for key in all_keys(s3_endpoint, "sparkify-lake", "star/")]
     assert_one_file_per_partition_folder([key for key in keys if key.endswith(".parquet")])
-    allowed = re.compile(r"^(?:(?:songplays|users|songs|artists|time)/(?:.+/)?part-[^/]+\.parquet"
-                         r"|_quarantine/(?:song|log)_data/part-[^/]+\.json"
-                         r"|_state/user_latest_event/part-[^/]+\.parquet|_runs/[^/]+\.json"
+    allowed = re.compile(r"^(?:(?:songplays|users|songs|artists|time|_state/user_latest_event)/(?:.+/)?part-[^/]+"
+                         r"\.parquet|_quarantine/(?:song|log)_data/part-[^/]+\.json|_runs/[^/]+\.json(?:l)?"
                          r"|[^/]+(?:/[^/]+)?/_SUCCESS"
-                         # S3A's zero-byte directory markers of the folders above
-                         r"|(?:songplays|users|songs|artists|time|_quarantine(?:/song_data|/log_data)?"
-                         r"|_state(?:/user_latest_event)?|_runs)?/?)$")
-    stray = [key for key in keys if not allowed.match(key)]
-    markers = [key for key in keys if key.endswith("/") or not key]
-    assert all(s3.head_object(Bucket="sparkify-lake", Key=f"star/{key}")["ContentLength"] == 0 for key in markers)
-    assert stray == [], f"unexpected keys: {stray[:5]}"
-    assert not any("_temporary" in key or "__magic" in key or ".pending" in key for key in keys)
-    assert s3.list_multipart_uploads(Bucket="sparkify-lake").get("Uploads", []) == []
+                         r"|(?:_quarantine|_state)/)$")  # S3A's zero-byte markers of the folders it made
+    assert [key for key in keys if not allowed.match(key)] == []
+    assert not any("_temporary" in key or "__magic" in key or ".pending" in key or "_lock" in key for key in keys)
+    assert s3_client(s3_endpoint).list_multipart_uploads(Bucket="sparkify-lake").get("Uploads", []) == []
 
 
-def test_s3a_output_is_committed_by_the_s3a_committer(s3_run):
+def test_s3_tables_are_committed_by_the_staging_committer(s3_endpoint, s3_run):
     """The S3A committers write a JSON _SUCCESS manifest; the rename-based one writes 0 bytes."""
-    s3, _, _ = s3_run
-    for table in COLUMNS:
-        manifest = json.loads(s3.get_object(Bucket="sparkify-lake", Key=f"star/{table}/_SUCCESS")["Body"].read())
-        assert manifest["committer"] == "magic", table
+    client = s3_client(s3_endpoint)
+    for table in ("songplays", "users", "songs", "artists", "time"):
+        manifest = json.loads(client.get_object(Bucket="sparkify-lake", Key=f"star/{table}/_SUCCESS")["Body"].read())
+        assert manifest["committer"] == "directory", table
 
 
-def test_the_run_report_lands_in_the_bucket_without_the_secret(s3_run):
-    s3, _, _ = s3_run
-    (key,) = [key for key in all_keys(s3, "sparkify-lake") if key.startswith("star/_runs/")]
-    text = s3.get_object(Bucket="sparkify-lake", Key=key)["Body"].read().decode()
+def test_s3_requests_are_one_get_per_file_read_and_one_upload_per_file_written(s3_dataset, s3_lake, s3_run):
+    """Reading lists each dataset once and GETs each file once; writing uploads each file
+    in one multipart upload (initiate, part, complete) and probes nothing per file."""
+    _, requests, _ = s3_run
+    _, songs, logs = expected_tables(s3_dataset)
+    written = [path for path in s3_lake.rglob("*") if path.is_file() and path.name.startswith("part-")]
+    files_read = len(songs.read) + len(logs.read)
+    assert files_read <= requests["GET"] <= files_read + 10  # + the reports, journal and lock the run reads
+    assert requests["INITIATE_MULTIPART"] == requests["UPLOAD_PART"] == requests["COMPLETE_MULTIPART"] == len(written)
+    per_table_jobs = 8  # five tables, the user state and two quarantines
+    overhead = sum(requests.values()) - requests["GET"] - 3 * len(written)
+    assert overhead <= 25 * per_table_jobs, requests
+    assert requests["HEAD"] <= 10 * per_table_jobs, requests
+
+
+def test_the_run_report_lands_in_the_bucket_without_the_secret(s3_endpoint, s3_run):
+    (key,) = [key for key in all_keys(s3_endpoint, "sparkify-lake", "star/_runs/") if key.endswith(".json")]
+    text = s3_client(s3_endpoint).get_object(Bucket="sparkify-lake", Key=key)["Body"].read().decode()
     report = json.loads(text)
     assert report["status"] == "succeeded" and report["settings"]["output_root"] == "s3a://sparkify-lake/star"
-    assert SECRET not in text and KEY_ID not in text
-    assert report["settings"]["access_key_id"] == "****" + KEY_ID[-4:]
-
-
-def test_an_incremental_load_to_s3_is_refused(s3_endpoint, s3_run):
-    result = run_etl("--input", "s3a://sparkify-raw/udacity/", "--output", "s3a://sparkify-lake/star",
-                     "--since", "2018-11-02", *BAD_DATA_ALLOWED, env=s3_environment(s3_endpoint))
-    assert result.returncode == 1
-    assert "etl.py: --since/--until replace single partitions of songplays and time" in result.stderr
+    assert report["settings"]["s3a_committer"] == "directory"
+    assert S3_SECRET not in text and S3_KEY not in text
+    assert report["settings"]["access_key_id"] == "****" + S3_KEY[-4:]
 
 
 def test_secrets_never_appear_in_output_or_event_log(s3_run):
-    _, result, events = s3_run
-    assert SECRET not in result.stdout + result.stderr
+    result, _, events = s3_run
+    assert S3_SECRET not in result.stdout + result.stderr
     logs = [path.read_text(errors="replace") for path in events.rglob("*") if path.is_file()]
     assert logs, "the run wrote no event log"
-    assert not any(SECRET in text for text in logs)
+    assert not any(S3_SECRET in text for text in logs)
+
+
+@pytest.mark.slow
+def test_two_incremental_halves_on_s3_equal_a_full_load(spark, s3_endpoint, tmp_path):
+    dataset = tmp_path / "two-months"
+    datagen.generate(dataset, datagen.Scale(songs=80, days=40, events_per_day=30, start=etl.date(2018, 11, 10)),
+                     seed=31)
+    create_bucket(s3_endpoint, "halves-raw")
+    upload(s3_endpoint, dataset, "halves-raw")
+    env = s3_environment(s3_endpoint)
+    for window in (("--until", "2018-11-25"), ("--since", "2018-11-25")):
+        assert_loaded(run_etl("--input", "s3a://halves-raw", "--output", "s3a://halves-lake/star", *window, env=env))
+    halves = download(s3_endpoint, "halves-lake", "star/", tmp_path / "halves")
+    expected, _, _ = expected_tables(dataset)
+    assert read_tables(spark, halves) == expected
+    assert_one_file_per_partition_folder([path.relative_to(halves).as_posix() for path in halves.rglob("*.parquet")])
+    assert [report["mode"] for report in run_reports(halves)] == ["incremental", "incremental"]
 
 
 # --- preflight: clear errors before Spark starts ------------------------------
@@ -117,8 +175,8 @@ def s3_env(monkeypatch, tmp_path):
     for name in ("AWS_SESSION_TOKEN", "AWS_DEFAULT_REGION", "AWS_ENDPOINT_URL"):
         monkeypatch.delenv(name, raising=False)
 
-    def use(endpoint: str) -> None:
-        for name, value in s3_environment(endpoint).items():
+    def use(endpoint: str, key: str = S3_KEY, secret: str = S3_SECRET) -> None:
+        for name, value in s3_environment(endpoint, key, secret).items():
             monkeypatch.setenv(name, value)
 
     return use
@@ -127,68 +185,114 @@ def s3_env(monkeypatch, tmp_path):
 def fails_before_spark(capsys, argv: list[str], pattern: str) -> None:
     assert etl.main(argv) == 1
     err = capsys.readouterr().err
-    assert err.startswith("etl.py: ") and "Traceback" not in err and SECRET not in err, err
+    assert err.startswith("etl.py: ") and "Traceback" not in err and S3_SECRET not in err, err
     assert re.search(pattern, err), err
 
 
 def test_missing_input_bucket_is_named(capsys, s3_env, s3_endpoint):
     s3_env(s3_endpoint)
     fails_before_spark(capsys, ["--input", "s3a://no-such-bucket/", "--output", "s3a://out/"],
-                       r"The bucket does not exist: cannot list s3://no-such-bucket/song_data/")
+                       r"The bucket does not exist: cannot list s3a://no-such-bucket/song_data/")
 
 
 def test_empty_input_prefix_is_refused(capsys, s3_env, s3_endpoint):
     s3_env(s3_endpoint)
-    client(s3_endpoint).create_bucket(Bucket="empty-raw", CreateBucketConfiguration={"LocationConstraint": REGION})
+    create_bucket(s3_endpoint, "empty-raw")
     fails_before_spark(capsys, ["--input", "s3a://empty-raw/", "--output", "s3a://out/"],
-                       r"s3://empty-raw/song_data/ holds no objects")
+                       r"s3a://empty-raw/song_data holds no non-empty \.json files \(0 files found")
 
 
 def test_unreachable_endpoint_is_reported(capsys, s3_env):
     s3_env(f"http://127.0.0.1:{free_port()}")  # nothing listens there
     fails_before_spark(capsys, ["--input", "s3a://raw/", "--output", "s3a://out/"],
-                       r"Cannot reach http://127\.0\.0\.1:\d+ to list s3://raw/song_data/")
+                       r"Cannot reach http://127\.0\.0\.1:\d+ to list s3a://raw/song_data/")
+
+
+@pytest.mark.parametrize("key, secret, pattern", [
+    ("AKIDNOBODYKNOWS", S3_SECRET, r"does not know the AWS access key in use.*Check AWS_ACCESS_KEY_ID"),
+    (S3_KEY, "not-the-secret", r"secret key does not match the access key.*Check AWS_SECRET_ACCESS_KEY"),
+])
+def test_wrong_credentials_get_the_servers_403_as_one_paragraph(capsys, s3_env, s3_endpoint, raw_bucket, key, secret,
+                                                               pattern):
+    s3_env(s3_endpoint, key, secret)
+    fails_before_spark(capsys, ["--input", raw_bucket, "--output", "s3a://out/"], pattern)
 
 
 @pytest.mark.parametrize("code, pattern", [
-    ("AccessDenied", r"Access denied: the AWS credentials in use may not list s3://raw/song_data/"),
-    ("InvalidAccessKeyId", r"does not know the AWS access key in use.*Check AWS_ACCESS_KEY_ID"),
-    ("SignatureDoesNotMatch", r"secret key does not match the access key.*Check AWS_SECRET_ACCESS_KEY"),
+    ("AccessDenied", r"Access denied: the AWS credentials in use may not list s3a://raw/song_data/"),
+    ("ExpiredToken", r"The AWS session token has expired"),
 ])
-def test_refused_credentials_get_one_clear_paragraph(capsys, s3_env, s3_error_endpoint, code, pattern):
-    s3_env(s3_error_endpoint(403, code))
+def test_refusals_s3proxy_cannot_give_are_explained_too(capsys, s3_env, s3_error_endpoint, code, pattern):
+    s3_env(s3_error_endpoint(403 if code == "AccessDenied" else 400, code))
     fails_before_spark(capsys, ["--input", "s3a://raw/", "--output", "s3a://out/"], pattern)
 
 
-def test_output_bucket_access_denied_is_reported(s3_error_endpoint):
-    """Input readable, output bucket refused: the run stops before Spark with the bucket named."""
-    settings = etl.Settings("file:///in", "s3a://locked-lake/star", KEY_ID, SECRET, region=REGION,
-                            endpoint_url=s3_error_endpoint(403, "AccessDenied"))
-    with pytest.raises(etl.EtlError, match=r"Access denied: the AWS credentials in use may not write to bucket locked-lake"):
-        etl.check_s3_access(settings)
+def test_an_output_the_credentials_cannot_write_is_refused_before_spark(s3_error_endpoint):
+    lake = etl.S3Lake("s3a://locked-lake/star", etl.S3Access(S3_REGION, s3_error_endpoint(403, "AccessDenied"),
+                                                             S3_KEY, S3_SECRET))
+    with pytest.raises(etl.EtlError, match=r"Access denied: the AWS credentials in use may not write to bucket "
+                                           r"locked-lake"):
+        lake.probe()
 
 
-def test_connector_matches_the_installed_spark():
-    names = ["spark-core_2.13-4.1.4.jar", "hadoop-client-api-3.4.2.jar", "hadoop-client-runtime-3.4.2.jar"]
-    assert etl.connector_packages(names, "4.1.4") == (
-        "org.apache.hadoop:hadoop-aws:3.4.2,org.apache.spark:spark-hadoop-cloud_2.13:4.1.+")
-    names_35 = ["spark-core_2.12-3.5.9.jar", "hadoop-client-api-3.3.4.jar"]
-    assert etl.connector_packages(names_35, "3.5.9") == (
-        "org.apache.hadoop:hadoop-aws:3.3.4,org.apache.spark:spark-hadoop-cloud_2.12:3.5.+")
-    assert etl.connector_packages(names + ["hadoop-aws-3.4.2.jar"], "4.1.4") is None
+def test_a_second_run_on_an_s3_output_is_refused_while_the_first_holds_it(capsys, s3_env, s3_endpoint, raw_bucket):
+    s3_env(s3_endpoint)
+    create_bucket(s3_endpoint, "busy-lake")
+    lake = etl.S3Lake("s3a://busy-lake/star", etl.S3Access(S3_REGION, s3_endpoint, S3_KEY, S3_SECRET))
+    holder = {"run_id": "R-first", "pid": 1, "host": "elsewhere", "started_at": "2026-01-01T00:00:00+00:00"}
+    with lake.lock(holder):
+        fails_before_spark(capsys, ["--input", raw_bucket, "--output", "s3a://busy-lake/star"],
+                           r"run R-first \(process 1 on elsewhere, started 2026-01-01T00:00:00\+00:00\) is loading "
+                           r"into s3a://busy-lake/star right now")
+    assert "star/_lock" not in all_keys(s3_endpoint, "busy-lake")
+
+
+def test_a_dead_runs_s3_lock_is_taken_over(s3_endpoint):
+    create_bucket(s3_endpoint, "stale-lake")
+    lake = etl.S3Lake("s3a://stale-lake/star", etl.S3Access(S3_REGION, s3_endpoint, S3_KEY, S3_SECRET))
+    lake.write_json("_lock", {"run_id": "R-dead", "pid": 999999, "host": etl.socket.gethostname(),
+                              "refreshed_at": etl.utc_now()})
+    with lake.lock({"run_id": "R-next", "pid": 1, "host": "here", "started_at": "now"}):
+        assert lake.read_json("_lock")["run_id"] == "R-next"
+
+
+def test_the_run_after_a_failed_s3_load_says_which_tables_it_had_replaced(tmp_path):
+    lake = etl.LocalLake(str(tmp_path))
+    lake.write_json(etl.JOURNAL, {"run_id": "R1", "format": "parquet", "committed": ["songs", "artists"]})
+    assert etl.recover(lake) == ["run R1 stopped while replacing tables on S3 after committing songs, artists of "
+                                 "them; this run replaces them"]
+    assert not (tmp_path / etl.JOURNAL).exists()
+
+
+# --- which jars, for which Spark -------------------------------------------------
+
+@pytest.mark.parametrize("jars, version, expected", [
+    (["spark-core_2.13-4.1.4.jar", "hadoop-client-api-3.4.2.jar"], "4.1.4",
+     "org.apache.hadoop:hadoop-aws:3.4.2,org.apache.spark:spark-hadoop-cloud_2.13:4.1.+"),
+    (["spark-core_2.12-3.5.9.jar", "hadoop-client-api-3.3.4.jar"], "3.5.9",
+     "org.apache.hadoop:hadoop-aws:3.3.4,org.apache.spark:spark-hadoop-cloud_2.12:3.5.+"),
+    # spark-hadoop-cloud is published up to 4.1: newer lines take the newest one.
+    (["spark-core_2.13-4.3.0.jar", "hadoop-client-api-3.5.0.jar"], "4.3.0",
+     "org.apache.hadoop:hadoop-aws:3.5.0,org.apache.spark:spark-hadoop-cloud_2.13:4.1.+"),
+    (["spark-core_2.13-4.1.4.jar", "hadoop-client-api-3.4.2.jar", "hadoop-aws-3.4.2.jar"], "4.1.4", None),
+])
+def test_connector_matches_the_installed_spark(jars, version, expected):
+    assert etl.connector_packages(jars, version) == expected
 
 
 def test_s3a_options_carry_credentials_endpoint_and_committer():
-    settings = etl.Settings("s3a://raw", "s3a://lake", "KEY", "SECRET", "TOKEN", "us-west-2",
-                            "http://127.0.0.1:9000")
-    options = etl.s3a_options(settings)
+    settings = etl.Settings("/in", "s3a://lake", access_key_id="KEY", secret_access_key="SECRET",
+                            session_token="TOKEN", region="us-west-2", endpoint_url="http://127.0.0.1:9000")
+    options = etl.s3a_options(settings, "directory", local_master=True)
     assert options["fs.s3a.aws.credentials.provider"] == "org.apache.hadoop.fs.s3a.TemporaryAWSCredentialsProvider"
     assert (options["fs.s3a.access.key"], options["fs.s3a.secret.key"], options["fs.s3a.session.token"]) == (
         "KEY", "SECRET", "TOKEN")
     assert (options["fs.s3a.endpoint"], options["fs.s3a.path.style.access"],
             options["fs.s3a.connection.ssl.enabled"], options["fs.s3a.endpoint.region"]) == (
         "http://127.0.0.1:9000", "true", "false", "us-west-2")
-    assert options["fs.s3a.committer.name"] == "magic"
-    default_chain = etl.s3a_options(etl.Settings("s3a://raw", "s3a://lake"))
-    assert not any(key.startswith(("fs.s3a.access", "fs.s3a.secret", "fs.s3a.aws.credentials"))
-                   for key in default_chain)
+    assert options["fs.s3a.committer.name"] == "directory"
+    assert options["fs.s3a.committer.staging.tmp.path"].startswith("file:/")
+    assert options["fs.s3a.directory.marker.retention"] == "keep"
+    default_chain = etl.s3a_options(etl.Settings("/in", "s3a://lake"), "magic", local_master=False)
+    assert not any(key.startswith(("fs.s3a.access", "fs.s3a.secret", "fs.s3a.aws.credentials")) for key in default_chain)
+    assert "fs.s3a.committer.staging.tmp.path" not in default_chain

@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import hashlib
-from datetime import datetime, timezone
+import json
+from datetime import date, datetime, timezone
 
 import pytest
 import etl
-from conftest import assert_frames_equal
+from tables import assert_frames_equal
 
 UTC = timezone.utc
 NOV_30_LAST_MS = 1543622399999  # 2018-11-30 23:59:59.999 UTC, a Friday: 15:59 the same day in LA
@@ -33,7 +34,18 @@ def song(**fields) -> dict:
 
 
 def events_df(spark, *events):
-    return spark.createDataFrame(list(events), schema=etl.LOG_SCHEMA)
+    """Accepted log events as the transforms get them: with ``user_id``, the integer userId."""
+    rows = [{**e, "user_id": int(e["userId"]) if e["userId"] else None} for e in events]
+    schema = etl.T.StructType([*etl.LOG_SCHEMA.fields, etl.T.StructField("user_id", etl.T.IntegerType())])
+    return spark.createDataFrame(rows, schema=schema)
+
+
+def users_of(events):
+    return etl.users_table(etl.latest_user_events(events))
+
+
+def plays_of(events, repeated=None):
+    return etl.distinct_plays(etl.next_song_plays(events), repeated)
 
 
 def songs_df(spark, *songs):
@@ -57,7 +69,7 @@ def test_users_table_takes_level_and_name_of_latest_event(spark):
     expected = spark.createDataFrame(
         [(15, "Walter", "New", "M", "paid"), (8, "Kaylee", "Summers", "F", "paid")],
         "user_id int, first_name string, last_name string, gender string, level string")
-    assert_frames_equal(etl.users_table(events), expected)
+    assert_frames_equal(users_of(events), expected)
 
 
 def test_users_table_ignores_logged_out_events(spark):
@@ -66,7 +78,7 @@ def test_users_table_ignores_logged_out_events(spark):
         event(userId="", firstName=None, lastName=None, gender=None, page="Home", ts=9000),
         event(userId="3", ts=100, page="Login"),
     )
-    assert [row.user_id for row in etl.users_table(events).collect()] == [3]
+    assert [row.user_id for row in users_of(events).collect()] == [3]
 
 
 def test_users_table_breaks_ties_at_the_latest_ts_by_the_whole_record(spark):
@@ -88,7 +100,7 @@ def test_users_table_breaks_ties_at_the_latest_ts_by_the_whole_record(spark):
         [(int(user), r["firstName"], r["lastName"], r["gender"], r["level"]) for user, (_, r) in latest.items()],
         "user_id int, first_name string, last_name string, gender string, level string")
     assert sorted(r["lastName"] for _, r in latest.values()) == ["B", "F"]
-    assert_frames_equal(etl.users_table(events_df(spark, *events)), expected)
+    assert_frames_equal(users_of(events_df(spark, *events)), expected)
 
 
 # --- songplays ---------------------------------------------------------------
@@ -101,7 +113,7 @@ def test_distinct_plays_keeps_one_copy_of_a_twice_delivered_event(spark):
     play = event(ts=1541105830796, sessionId=38, itemInSession=4)
     events = events_df(spark, play, play, event(ts=1541105830796, sessionId=38, itemInSession=5),
                        event(page="Home", itemInSession=6))
-    plays = etl.distinct_plays(events)
+    plays = plays_of(events)
     assert sorted(row.item_in_session for row in plays.collect()) == [4, 5]
 
 
@@ -136,7 +148,7 @@ def test_distinct_plays_sorts_only_repeated_plays_and_keeps_the_same_copies(spar
     repeated = etl.repeated_plays(etl.next_song_plays(frame))
     assert sorted(tuple(row) for row in repeated.collect()) == [(39, 38, 2, 1541105830796, 2),
                                                                (39, 38, 3, 1541105830796, 2), (39, 38, 4, 7, 3)]
-    fast, full = etl.distinct_plays(frame, repeated), etl.distinct_plays(frame)
+    fast, full = plays_of(frame, repeated), plays_of(frame)
     assert fast.dtypes == full.dtypes
     assert sorted(tuple(row) for row in fast.collect()) == expected_distinct_plays(events)
     assert_frames_equal(fast, full)
@@ -157,14 +169,14 @@ def test_songplays_table_picks_smallest_song_id_when_several_songs_match(spark):
         song(song_id="SOBBBBBBBBBBBBBBBB", artist_id="ARBBBBBBBBBBBBBBBB"),
         song(song_id="SOCCCCCCCCCCCCCCCC", artist_id="ARCCCCCCCCCCCCCCCC", duration=100.0),
     )
-    plays = etl.distinct_plays(events_df(spark, event()))
+    plays = plays_of(events_df(spark, event()))
     row, = etl.songplays_table(plays, matches).collect()
     assert (row.song_id, row.artist_id) == ("SOBBBBBBBBBBBBBBBB", "ARBBBBBBBBBBBBBBBB")
 
 
 def test_songplays_table_keeps_unmatched_play_with_null_song_and_artist(spark):
     matches = matches_df(spark, song())
-    plays = etl.distinct_plays(events_df(
+    plays = plays_of(events_df(
         spark,
         event(itemInSession=1, song="Hello", artist="Adele", length=295.21),  # duration differs
         event(itemInSession=2, song="Hello", artist="ADELE", length=295.2),  # artist differs
@@ -175,19 +187,16 @@ def test_songplays_table_keeps_unmatched_play_with_null_song_and_artist(spark):
     assert {(row.song_id, row.artist_id) for row in rows} == {(None, None)}
 
 
-def test_songplays_table_matches_numeric_title_read_as_text(spark, tmp_path):
-    (tmp_path / "TRX.json").write_text(
-        '{"song_id": "SO66AAAAAAAAAAAAAA", "title": 66, "artist_id": "ARNNNNNNNNNNNNNNNN", '
-        '"artist_name": 311, "duration": 220.3424, "year": 0, "num_songs": 1}')
-    songs = etl.accepted_records(etl.classify_song_records(
-        etl.read_json_records(spark, str(tmp_path), etl.SONG_SCHEMA)))
-    plays = etl.distinct_plays(events_df(spark, event(song="66", artist="311", length=220.3424)))
+def test_songplays_table_matches_numeric_title_read_as_text(spark):
+    songs = parsed_songs(spark, '{"song_id": "SO66AAAAAAAAAAAAAA", "title": 66, "artist_id": "ARNNNNNNNNNNNNNNNN", '
+                                '"artist_name": 311, "duration": 220.3424, "year": 0, "num_songs": 1}')
+    plays = plays_of(events_df(spark, event(song="66", artist="311", length=220.3424)))
     row, = etl.songplays_table(plays, etl.song_matches(songs)).collect()
     assert row.song_id == "SO66AAAAAAAAAAAAAA"
 
 
 def test_songplays_table_has_spec_columns_and_deterministic_id(spark):
-    plays = etl.distinct_plays(events_df(spark, event(userId="39", sessionId=38, itemInSession=1,
+    plays = plays_of(events_df(spark, event(userId="39", sessionId=38, itemInSession=1,
                                                       ts=NOV_30_LAST_MS)))
     table = etl.songplays_table(plays, matches_df(spark, song()))
     expected_id = hashlib.md5(f"39|38|1|{NOV_30_LAST_MS}".encode()).hexdigest()
@@ -201,8 +210,8 @@ def test_songplays_table_has_spec_columns_and_deterministic_id(spark):
 
 def test_songplay_id_does_not_depend_on_partitioning(spark):
     events = [event(itemInSession=i, ts=1541105830796 + i) for i in range(50)]
-    one = etl.distinct_plays(events_df(spark, *events).coalesce(1))
-    many = etl.distinct_plays(events_df(spark, *reversed(events)).repartition(7))
+    one = plays_of(events_df(spark, *events).coalesce(1))
+    many = plays_of(events_df(spark, *reversed(events)).repartition(7))
     matches = matches_df(spark, song())
     ids = [sorted(r.songplay_id for r in etl.songplays_table(p, matches).collect()) for p in (one, many)]
     assert ids[0] == ids[1] and len(set(ids[0])) == 50
@@ -263,67 +272,146 @@ def test_artists_table_takes_every_column_from_one_record(spark):
     assert_frames_equal(etl.artists_table(songs), expected)
 
 
-# --- reading and quarantine ----------------------------------------------------
+# --- classifying records ---------------------------------------------------------
 
-def test_read_and_classify_log_events_quarantines_each_unusable_record(spark, tmp_path):
-    lines = [
-        '{"ts": 1541105830796, "userId": "39", "page": "NextSong", "sessionId": 1, "itemInSession": 0}',
-        '{"ts": 1541105830797, "userId": "", "page": "Home", "sessionId": 2, "itemInSession": 0}',
-        '{"ts": 1541105830',
-        '{"ts": "yesterday", "userId": "39", "page": "Home"}',
-        '{"ts": 1541105830798, "userId": "guest-7", "page": "Home"}',
-        '{"userId": "39", "page": "Home"}',
-        '{"ts": 1541105830799, "userId": "", "page": "NextSong", "sessionId": 3, "itemInSession": 0}',
-        '[1, 2]',
-    ]
-    (tmp_path / "2018-11-01-events.json").write_text("\n".join(lines))
-    classified = etl.classify_log_events(etl.read_json_records(spark, str(tmp_path), etl.LOG_SCHEMA))
+def lines_df(spark, *lines: str, source: str = "/in/2018-11-01-events.json"):
+    """Lines as read_lines yields them: every line a record of one file."""
+    rows = [(source, None, line, index == 0, True) for index, line in enumerate(lines)]
+    return spark.createDataFrame(rows, "source_file string, error string, line string, first boolean, is_record boolean")
+
+
+def parsed_songs(spark, *lines: str):
+    return etl.accepted_records(etl.classify_song_records(etl.parse_records(lines_df(spark, *lines), etl.SONG_SCHEMA)))
+
+
+def reasons(classified) -> dict[str, str | None]:
+    return {row.line_text: row.reject_reason for row in classified.select(
+        etl.F.coalesce("record", etl.F.lit("(accepted)")).alias("line_text"), "reject_reason").collect()}
+
+
+def classify_logs(spark, *lines: str):
+    return etl.classify_log_events(etl.parse_records(lines_df(spark, *lines), etl.LOG_SCHEMA))
+
+
+def test_classify_log_events_names_the_field_and_the_problem(spark):
+    cases = {
+        '{"ts": 1541105830796, "userId": "39", "page": "Home"}': None,
+        '{"ts": 1541105830': "malformed JSON",
+        "[1, 2]": "malformed JSON",
+        '{"ts": "yesterday", "userId": "39", "page": "Home"}': "ts is not a 64-bit integer",
+        '{"ts": 1541105830796, "userId": "39", "page": "Home", "status": "OK"}': "status is not a 32-bit integer",
+        '{"ts": 1541105830796, "userId": "39", "page": "NextSong", "length": "long"}': "length is not a number",
+        '{"ts": 1541105830796, "userId": "39", "page": "Home", "sessionId": 1.5}': "sessionId is not a 64-bit integer",
+        '{"ts": 1541105830796, "userId": "39", "page": "Home"} {"ts": 1541105830797, "userId": "39", "page": "Home"}':
+            "several JSON values on one line",
+        '{"ts": 1541105830796, "userId": "39", "page": "Home"}, 7': "several JSON values on one line",
+        '{"ts": 10000000000000000, "userId": "39", "page": "Home"}':
+            "ts is outside the range of a timestamp (years 1 to 9999)",
+        '{"ts": -62135596800001, "userId": "39", "page": "Home"}':
+            "ts is outside the range of a timestamp (years 1 to 9999)",
+        '{"userId": "39", "page": "Home"}': "missing ts",
+        '{"ts": 1541105830796, "userId": "39"}': "missing page",
+        '{"ts": 1541105830796, "page": "Home"}': "missing userId",
+        '{"ts": 1541105830796, "userId": "guest-7", "page": "Home"}': "userId is not a number",
+        '{"ts": 1541105830796, "userId": "2147483648", "page": "Home"}': "userId is too large for a 32-bit user_id",
+        '{"ts": 1541105830796, "userId": "", "page": "NextSong", "sessionId": 1, "itemInSession": 0}':
+            "NextSong event without a userId",
+        '{"ts": 1541105830796, "userId": "39", "page": "NextSong", "itemInSession": 0}':
+            "NextSong event without sessionId or itemInSession",
+    }
+    classified = classify_logs(spark, *cases)
+    rejected = {line: reason for line, reason in reasons(classified).items() if line != "(accepted)"}
+    assert rejected == {line: reason for line, reason in cases.items() if reason}
+    (accepted,) = etl.accepted_records(classified).collect()
+    assert (accepted.ts, accepted.user_id) == (1541105830796, 39)
+
+
+def test_a_user_id_is_the_integer_value_of_user_id_whatever_its_spelling(spark):
+    classified = classify_logs(spark, *[f'{{"ts": {ts}, "userId": "{user}", "page": "Home"}}'
+                                        for ts, user in ((1, "19"), (2, "019"), (3, "0000000019"), (4, ""))])
     accepted = etl.accepted_records(classified)
-    rejected = etl.quarantine_records(classified)
-
-    assert sorted(row.ts for row in accepted.collect()) == [1541105830796, 1541105830797]
-    assert accepted.columns == etl.LOG_SCHEMA.fieldNames() + ["source_file"]
-    quarantined = sorted((row.reject_reason, row.record) for row in rejected.collect())
-    assert [reason for reason, _ in quarantined] == sorted([
-        "malformed JSON", "a field has the wrong type", "userId is not a number", "missing ts",
-        "NextSong event without a userId", "malformed JSON"])
-    assert ("malformed JSON", '{"ts": 1541105830') in quarantined
-    assert ("a field has the wrong type", lines[3]) in quarantined
-    assert {row.source_file.rsplit("/", 1)[-1] for row in rejected.collect()} == {"2018-11-01-events.json"}
+    assert sorted((row.ts, row.user_id) for row in accepted.collect()) == [(1, 19), (2, 19), (3, 19), (4, None)]
+    assert [row.user_id for row in users_of(accepted).collect()] == [19]
 
 
-def test_read_json_records_lists_nested_folders_and_reads_numbers_as_text(spark, tmp_path):
-    nested = tmp_path / "A" / "B" / "C"
-    nested.mkdir(parents=True)
-    (nested / "TRABC.json").write_text('{"song_id":"SO1","title":66,"artist_id":"AR1","artist_name":311}')
-    (tmp_path / "notes.txt").write_text("not a song")
-    records = etl.read_json_records(spark, str(tmp_path), etl.SONG_SCHEMA).collect()
-    assert [(r.song_id, r.title, r.artist_name, r._corrupt_record) for r in records] == [
-        ("SO1", "66", "311", None)]
+def test_classify_song_records_refuses_partition_values_no_folder_can_hold(spark):
+    def song_line(artist_id: str) -> str:
+        return json.dumps({"song_id": "SO1", "title": "T", "artist_id": artist_id, "duration": 1.0, "year": 1})
+
+    fits = "AR" + "x" * (255 - len("artist_id=") - 2)  # exactly 255 bytes as a folder name
+    escaped = "AR" + "/" * 81  # each / is written as %2F: 10 + 2 + 243 bytes
+    cases = {song_line(fits): None, song_line(fits + "x"): "too long", song_line("AR" + "é" * 121): None,
+             song_line("AR" + "é" * 122): "too long", song_line(escaped): None, song_line(escaped + "/"): "too long",
+             song_line(" "): "missing artist_id"}
+    classified = etl.classify_song_records(etl.parse_records(lines_df(spark, *cases), etl.SONG_SCHEMA))
+    found = {line: reason for line, reason in reasons(classified).items() if line != "(accepted)"}
+    expected = {line: reason for line, reason in cases.items() if reason}
+    assert {line: ("too long" if "too long" in reason else reason) for line, reason in found.items()} == expected
 
 
-def test_load_and_classify_fails_clearly_when_no_record_is_usable(spark, tmp_path):
-    (tmp_path / "song_data").mkdir()
-    (tmp_path / "song_data" / "TRA.json").write_text("{not json")
-    with pytest.raises(etl.EtlError, match=r"No usable records in .*song_data \(1 rejected"):
-        etl.load_and_classify(spark, tmp_path.as_uri(), "song_data", etl.SONG_SCHEMA,
-                              etl.classify_song_records)
+def test_a_blank_first_line_counts_its_file_but_no_record(spark):
+    rows = [("/in/empty.json", None, "", True, False), ("/in/a.json", None, '{"song_id": "S", "artist_id": "A"}',
+                                                         True, True)]
+    lines = spark.createDataFrame(rows, "source_file string, error string, line string, first boolean, is_record boolean")
+    classified = etl.classify_song_records(etl.parse_records(lines, etl.SONG_SCHEMA))
+    assert [row.song_id for row in etl.accepted_records(classified).collect()] == ["S"]
+    assert etl.quarantine_records(classified).count() == 0
 
 
-def test_load_and_classify_keeps_unused_fields_only_in_the_quarantined_text(spark, tmp_path):
-    (tmp_path / "log_data").mkdir()
-    lines = [
-        '{"ts": 1541105830796, "userId": "39", "page": "Home", "auth": "Logged In", "status": 200}',
-        '{"ts": 1541105830797, "userId": "39", "page": "Home", "auth": "Logged In", "status": "OK"}',
-    ]
-    (tmp_path / "log_data" / "2018-11-01-events.json").write_text("\n".join(lines))
-    batch = etl.load_and_classify(spark, tmp_path.as_uri(), "log_data", etl.LOG_SCHEMA,
-                                  etl.classify_log_events, etl.LOG_FIELDS_NO_TABLE_USES)
+# --- incremental loads: the window and the merge ------------------------------------
 
-    kept = [name for name in etl.LOG_SCHEMA.fieldNames() if name not in etl.LOG_FIELDS_NO_TABLE_USES]
-    assert batch.accepted_records.columns == kept + ["source_file"]
-    assert [row.ts for row in batch.accepted_records.collect()] == [1541105830796]
-    # The wrong type is in a field no table uses: still rejected, with the line as read.
-    assert [(row.reject_reason, row.record) for row in batch.rejected_records.collect()] == [
-        ("a field has the wrong type", lines[1])]
-    assert (batch.records, batch.accepted, batch.rejects) == (2, 1, {"a field has the wrong type": 1})
+def play_row(ts_ms: int, play_id: str) -> tuple:
+    moment = datetime.fromtimestamp(ts_ms / 1000, tz=UTC)
+    return (play_id, moment, 39, "free", None, None, 1, "here", "ua", moment.year, moment.month)
+
+
+def songplays_df(spark, *rows):
+    return spark.createDataFrame(list(rows), etl.SONGPLAYS.schema)
+
+
+NOV_25 = 1543104000000  # 2018-11-25 00:00 UTC
+DEC_01 = 1543622400000  # 2018-12-01 00:00 UTC
+DAY = 86_400_000
+
+
+def test_replace_window_keeps_rows_outside_the_window_and_takes_the_new_ones_inside(spark):
+    existing = songplays_df(spark, play_row(NOV_25 - 1, "before"), play_row(NOV_25, "inside-old"),
+                            play_row(DEC_01 + DAY, "december-old"))
+    fresh = songplays_df(spark, play_row(NOV_25 + 5, "inside-new"))
+    since, until = date(2018, 11, 25), date(2018, 12, 1)
+    kept = etl.replace_window(existing, fresh, since, until)
+    assert sorted(row.songplay_id for row in kept.collect()) == ["before", "december-old", "inside-new"]
+    touched = etl.months_touched(existing, fresh, since, until)
+    assert sorted(tuple(row) for row in touched.collect()) == [(2018, 11)]
+
+
+def test_a_window_that_removes_every_row_of_a_month_still_touches_that_month(spark):
+    existing = songplays_df(spark, play_row(NOV_25, "nov"), play_row(DEC_01 + DAY, "dec"))
+    fresh = songplays_df(spark, play_row(NOV_25 + 1, "nov-new"))
+    since = date(2018, 11, 20)
+    touched = sorted(tuple(row) for row in etl.months_touched(existing, fresh, since, None).collect())
+    assert touched == [(2018, 11), (2018, 12)]
+    rows = etl.replace_window(existing, fresh, since, None)
+    assert {(row.year, row.month) for row in rows.collect()} == {(2018, 11)}  # December is left empty
+
+
+@pytest.mark.parametrize("since, until, months", [
+    (date(2018, 11, 25), date(2018, 12, 1), [(2018, 11)]),
+    (date(2018, 11, 25), date(2018, 12, 2), [(2018, 11), (2018, 12)]),
+    (None, date(2018, 11, 1), [(2018, 10)]),
+    (date(2018, 12, 31), None, [(2018, 12), (2019, 1)]),
+])
+def test_months_of_window_selects_the_partitions_a_window_can_reach(spark, since, until, months):
+    frame = spark.createDataFrame([(2018, 10), (2018, 11), (2018, 12), (2019, 1)], "year int, month int")
+    assert sorted(tuple(row) for row in frame.where(etl.months_of_window(since, until)).collect()) == months
+
+
+def test_merge_latest_user_events_keeps_the_later_event_whichever_run_saw_it(spark):
+    columns = etl.USER_STATE.schema
+    earlier = spark.createDataFrame([(15, 3000, 1, 1, "A", "Old", "F", "paid"), (8, 100, 1, 1, "K", "S", "F", "free")],
+                                    columns)
+    latest = spark.createDataFrame([(15, 2000, 9, 9, "A", "New", "F", "free"), (20, 50, 1, 1, "N", "W", "M", "free")],
+                                   columns)
+    merged = etl.merge_latest_user_events(earlier, latest)
+    assert sorted((row.user_id, row.lastName, row.level) for row in merged.collect()) == [
+        (8, "S", "free"), (15, "Old", "paid"), (20, "W", "free")]
