@@ -1114,7 +1114,7 @@ def load(run: Run, writes: Sequence[Write], rows: dict[str, int]) -> dict[str, d
     folder, so one file written by one task, and the other cores write songs meanwhile.
     """
     if run.settings.format == "delta":
-        tables = DeltaTables(run.spark, run.lake, run.report)
+        tables = DeltaTables(run.spark, run.lake, run.report, run.settings.retain_days)
     else:
         tables = ParquetTables(run.spark, run.lake, run.report.run_id)
     try:
@@ -1171,15 +1171,34 @@ DELTA_SESSION = {"spark.sql.extensions": "io.delta.sql.DeltaSparkSessionExtensio
                  "spark.sql.catalog.spark_catalog": "org.apache.spark.sql.delta.catalog.DeltaCatalog"}
 
 
+def configure_delta(spark: SparkSession, retain_days: int) -> None:
+    """Delta's session settings for tables this size, and the retention new tables get."""
+    tasks = str(spark.sparkContext.defaultParallelism * 2)
+    # Delta rebuilds a table's state in 50 tasks and lists files in up to 10,000: for
+    # tables this size that is most of the time of every read, commit and VACUUM.
+    spark.conf.set("spark.databricks.delta.snapshotPartitions", tasks)
+    spark.conf.set("spark.sql.sources.parallelPartitionDiscovery.parallelism", tasks)
+    for key, value in retention_properties(retain_days).items():
+        spark.conf.set(f"spark.databricks.delta.properties.defaults.{key.removeprefix('delta.')}", value)
+    # Delta refuses a retention under its 7-day default unless told the shorter one is meant.
+    spark.conf.set("spark.databricks.delta.retentionDurationCheck.enabled", str(retain_days >= 7).lower())
+
+
+def retention_properties(retain_days: int) -> dict[str, str]:
+    """Files no longer needed stay ``retain_days`` days; the log at least as long (30 by default)."""
+    return {"delta.deletedFileRetentionDuration": f"interval {retain_days} days",
+            "delta.logRetentionDuration": f"interval {max(retain_days, 30)} days"}
+
+
 def delta_path(lake: Lake, name: str) -> str:
     return "delta.`" + lake.spark_uri(name).replace("`", "``") + "`"
 
 
-def delta_version(spark: SparkSession, lake: Lake, name: str) -> int | None:
-    """The table's latest version, or None when there is no Delta table there."""
-    if not lake.exists(f"{name}/_delta_log"):
-        return None
-    return spark.sql(f"DESCRIBE HISTORY {delta_path(lake, name)} LIMIT 1").first()["version"]
+def delta_version(lake: Lake, name: str) -> int | None:
+    """The table's latest version (its newest commit file in _delta_log), or None when
+    there is no Delta table there."""
+    commits = [int(entry[:-5]) for entry in lake.names(f"{name}/_delta_log") if re.fullmatch(r"\d{20}\.json", entry)]
+    return max(commits) if commits else None
 
 
 def restore_delta(spark: SparkSession, lake: Lake, versions: Mapping[str, int | None]) -> list[str]:
@@ -1187,7 +1206,7 @@ def restore_delta(spark: SparkSession, lake: Lake, versions: Mapping[str, int | 
     Returns the names of the tables that changed."""
     changed = []
     for name, version in versions.items():
-        current = delta_version(spark, lake, name)
+        current = delta_version(lake, name)
         if current == version:
             continue
         with activity(f"restoring {lake.display(name)} to version {version}"):
@@ -1204,9 +1223,10 @@ class DeltaTables:
     the run are journaled first: a run that fails after some commits restores them, and
     one that was killed is restored by the next run, so readers get one consistent set."""
 
-    def __init__(self, spark: SparkSession, lake: Lake, report: RunReport):
+    def __init__(self, spark: SparkSession, lake: Lake, report: RunReport, retain_days: int):
         self.spark, self.lake, self.report = spark, lake, report
-        self.before = {spec.name: delta_version(spark, lake, spec.name) for spec in DELTA_TABLES}
+        keep_retention(spark, lake, retain_days)
+        self.before = {spec.name: delta_version(lake, spec.name) for spec in DELTA_TABLES}
         lake.write_json(JOURNAL, {"run_id": report.run_id, "format": "delta", "versions_before": self.before})
 
     def write(self, write: Write, rows: int) -> dict[str, object]:
@@ -1218,18 +1238,21 @@ class DeltaTables:
         facts: dict[str, object] = {"written": "whole table"}
         if write.partitions is not None:
             months = " OR ".join(f"(year = {year} AND month = {month})" for year, month in write.partitions)
-            writer = writer.option("replaceWhere", months or "false")
+            # Only the months replaced: a row outside them would break the commit's condition.
+            writer = (arranged_for_writing(write.frame.where(months or "false"), spec).write.format("delta")
+                      .option("userMetadata", f"sparkify-etl run {self.report.run_id}").partitionBy(*spec.partition_by)
+                      .option("replaceWhere", months or "false"))
             facts = {"written": f"{len(write.partitions)} partition{'' if len(write.partitions) == 1 else 's'}",
                      "partitions": [partition_folder(spec, partition) for partition in write.partitions]}
         else:
             writer = writer.option("overwriteSchema", "true")
         with activity(f"writing {self.lake.display(spec.name)}"):
             writer.mode("overwrite").save(self.lake.spark_uri(spec.name))
-        facts["version"] = delta_version(self.spark, self.lake, spec.name)
+        facts["version"] = delta_version(self.lake, spec.name)
         return facts
 
     def publish(self, report: RunReport) -> None:
-        report.versions = {spec.name: delta_version(self.spark, self.lake, spec.name) for spec in DELTA_TABLES}
+        report.versions = {spec.name: delta_version(self.lake, spec.name) for spec in DELTA_TABLES}
         self.lake.remove(JOURNAL)
 
     def abort(self) -> None:
@@ -1239,13 +1262,43 @@ class DeltaTables:
         self.lake.remove(JOURNAL)
 
 
-def vacuum_delta(spark: SparkSession, lake: Lake, retain_days: int) -> None:
-    """Remove files no version of the last ``retain_days`` days needs; never newer ones."""
-    # Delta refuses retention under its 7-day default unless told the shorter one is meant.
-    spark.conf.set("spark.databricks.delta.retentionDurationCheck.enabled", str(retain_days >= 7).lower())
+def keep_retention(spark: SparkSession, lake: Lake, retain_days: int) -> None:
+    """Give the tables the retention of ``retain_days`` when the last run made them with another."""
+    last = current_state(lake)
+    if last is None or last["settings"].get("retain_days") == retain_days:
+        return
+    settings = ", ".join(f"'{key}' = '{value}'" for key, value in retention_properties(retain_days).items())
     for spec in DELTA_TABLES:
-        with activity(f"cleaning up {lake.display(spec.name)}"):
-            spark.sql(f"VACUUM {delta_path(lake, spec.name)} RETAIN {retain_days * 24} HOURS")
+        if delta_version(lake, spec.name) is not None:
+            spark.sql(f"ALTER TABLE {delta_path(lake, spec.name)} SET TBLPROPERTIES ({settings})")
+
+
+VACUUM_EVERY_HOURS = 24
+
+
+def vacuum_delta(spark: SparkSession, lake: Lake, report: RunReport) -> None:
+    """Once a day, remove the files no version inside the retention period needs (the
+    tables' delta.deletedFileRetentionDuration); never newer ones."""
+    last = max((r.get("vacuumed_at") or "" for r in lake.reports()), default="")
+    if last and (datetime.now(timezone.utc) - datetime.fromisoformat(last)).total_seconds() < VACUUM_EVERY_HOURS * 3600:
+        return
+    if report.based_on is None:  # the tables are new: nothing older to clean up
+        report.vacuumed_at = utc_now()
+        return
+
+    def vacuum(name: str) -> None:
+        with activity(f"cleaning up {lake.display(name)}"):
+            try:  # from the log alone, without listing the table's files ...
+                spark.sql(f"VACUUM {delta_path(lake, name)} LITE").collect()
+            except Exception as error:  # noqa: BLE001 - ... unless the log no longer reaches back far enough
+                if "LITE" not in f"{error} {root_cause(error)}":
+                    raise
+                spark.sql(f"VACUUM {delta_path(lake, name)}").collect()
+
+    with ThreadPoolExecutor(max_workers=len(DELTA_TABLES)) as pool:
+        for done in [pool.submit(vacuum, spec.name) for spec in DELTA_TABLES]:
+            done.result()
+    report.vacuumed_at = utc_now()
 
 
 def current_state(lake: Lake) -> dict | None:
@@ -1273,7 +1326,7 @@ def rollback(spark: SparkSession, lake: Lake, report: RunReport) -> str:
     except EtlError as error:
         raise EtlError(f"{error} Versions older than the retention period ([ETL] RETAIN_DAYS) are cleaned up "
                        "and cannot be restored.") from None
-    report.versions = {spec.name: delta_version(spark, lake, spec.name) for spec in DELTA_TABLES}
+    report.versions = {spec.name: delta_version(lake, spec.name) for spec in DELTA_TABLES}
     report.rolled_back_to = earlier["run_id"]
     return earlier["run_id"]
 
@@ -2040,9 +2093,10 @@ def requested_master() -> str | None:
     return None
 
 
-# Transitive dependencies of spark-hadoop-cloud that Spark already ships, or that serve
-# other clouds: left out, they can neither clash with Spark's own versions nor cost downloads.
-CONNECTOR_EXCLUDES = (
+# Transitive dependencies of spark-hadoop-cloud and delta-spark that Spark already ships,
+# or that serve other clouds: left out, they can neither clash with Spark's own versions
+# nor cost downloads.
+SHIPPED_WITH_SPARK = (
     "com.google.cloud.bigdataoss:gcs-connector", "org.apache.hadoop:hadoop-azure",
     "org.apache.hadoop:hadoop-azure-datalake", "org.apache.hadoop:hadoop-cloud-storage",
     "org.apache.hadoop:hadoop-huaweicloud", "org.apache.hadoop:hadoop-aliyun",
@@ -2053,10 +2107,25 @@ CONNECTOR_EXCLUDES = (
     "commons-codec:commons-codec", "org.apache.httpcomponents:httpclient",
     "org.apache.httpcomponents:httpcore", "joda-time:joda-time", "org.eclipse.jetty:jetty-util",
     "org.eclipse.jetty:jetty-util-ajax", "com.squareup.okhttp3:okhttp", "com.squareup.okio:okio",
+    "org.apache.logging.log4j:log4j-api", "org.apache.logging.log4j:log4j-core",
+    "org.apache.logging.log4j:log4j-slf4j2-impl", "org.apache.parquet:parquet-column",
+    "org.apache.parquet:parquet-common", "org.apache.parquet:parquet-encoding",
+    "org.apache.parquet:parquet-format-structures", "org.apache.parquet:parquet-hadoop",
+    "org.apache.parquet:parquet-jackson", "org.xerial.snappy:snappy-java", "com.github.luben:zstd-jni",
+    "org.roaringbitmap:RoaringBitmap", "com.google.code.findbugs:jsr305", "io.airlift:aircompressor",
+    "org.antlr:antlr4-runtime",
 )
-# spark-hadoop-cloud (Spark's binding to the S3A committers) is published up to this
-# line; newer Spark lines take its newest release, whose classes they still load.
-NEWEST_CLOUD_BINDING = "4.1"
+# spark-hadoop-cloud, Spark's binding to the S3A committers, by Spark line: the newest
+# release of each. It is not published past 4.1; newer lines load 4.1's classes.
+CLOUD_BINDINGS = {"3.5": "3.5.8", "4.0": "4.0.2", "4.1": "4.1.2"}
+# Jars come from Maven Central alone: Spark's default resolvers also look in ~/.m2, where
+# a POM that Maven fetched without its jar makes the resolution fail, and in a package
+# repository whose unreachable host costs every start a timeout.
+IVY_SETTINGS = """<ivysettings>
+  <settings defaultResolver="central"/>
+  <resolvers><ibiblio name="central" m2compatible="true" root="https://repo1.maven.org/maven2/"/></resolvers>
+</ivysettings>
+"""
 
 
 def installed_spark_jars() -> Path:
@@ -2089,16 +2158,15 @@ def connector_packages(jar_names: Sequence[str], spark_version: str) -> str | No
         raise EtlError("Cannot tell which Hadoop this Spark bundles (no hadoop-client-api jar in "
                        f"{installed_spark_jars()}), so the matching S3A connector is unknown. Set "
                        "[SPARK] PACKAGES in dl.cfg to org.apache.hadoop:hadoop-aws:<your Hadoop version>.")
-    line = tuple(int(part) for part in spark_version.split(".")[:2])
-    newest = tuple(int(part) for part in NEWEST_CLOUD_BINDING.split("."))
-    binding = ".".join(map(str, min(line, newest)))
-    return f"org.apache.hadoop:hadoop-aws:{hadoop},org.apache.spark:spark-hadoop-cloud_{scala}:{binding}.+"
+    line = ".".join(spark_version.split(".")[:2])
+    binding = CLOUD_BINDINGS.get(line, CLOUD_BINDINGS[max(CLOUD_BINDINGS, key=lambda v: tuple(map(int, v.split("."))))])
+    return f"org.apache.hadoop:hadoop-aws:{hadoop},org.apache.spark:spark-hadoop-cloud_{scala}:{binding}"
 
 
 def session_packages(settings: Settings, local_jvm: bool) -> dict[str, str]:
     """The spark.jars.* settings a run needs: the S3A connector for S3 roots, Delta Lake
     for --format delta. ``[SPARK] PACKAGES`` replaces the connector (``none``: nothing)."""
-    packages, excludes = [], []
+    packages, excludes = [], ()
     if is_s3(settings.output_root):
         if settings.packages:
             packages += [] if settings.packages.lower() == "none" else [settings.packages]
@@ -2107,15 +2175,23 @@ def session_packages(settings: Settings, local_jvm: bool) -> dict[str, str]:
             connector = connector_packages(jars, pyspark_version())
             if connector:
                 packages.append(connector)
-                excludes += CONNECTOR_EXCLUDES
+                excludes = SHIPPED_WITH_SPARK
     if settings.format == "delta":
         packages.append(delta_package(pyspark_version()))
+        excludes = SHIPPED_WITH_SPARK
     if local_jvm and not is_s3(settings.output_root):
         packages += [package for package in LOCAL_RUN_PACKAGES if (settings.packages or "").lower() != "none"]
     confs = {"spark.jars.packages": ",".join(packages)} if packages else {}
     if excludes:
         confs["spark.jars.excludes"] = ",".join(excludes)
     return confs
+
+
+def ivy_settings_file() -> str:
+    path = Path(tempfile.gettempdir()) / f"sparkify-ivysettings-{os.getuid() if hasattr(os, 'getuid') else 0}.xml"
+    if not path.is_file() or path.read_text() != IVY_SETTINGS:
+        path.write_text(IVY_SETTINGS)
+    return str(path)
 
 
 def spark_submit_options(settings: Settings) -> list[str]:
@@ -2140,7 +2216,10 @@ def build_spark_session(settings: Settings, verbose: bool) -> SparkSession:
     if master is None:
         builder = builder.master("local[*]")
     if not under_spark_submit():
-        for key, value in session_packages(settings, local_jvm).items():
+        packages = session_packages(settings, local_jvm)
+        if packages and "ivySettings" not in os.environ.get("PYSPARK_SUBMIT_ARGS", ""):
+            packages["spark.jars.ivySettings"] = ivy_settings_file()
+        for key, value in packages.items():
             builder = builder.config(key, value)
     if settings.format == "delta":
         for key, value in DELTA_SESSION.items():
@@ -2164,23 +2243,26 @@ SPARK_LOG = None  # where a JVM this process started writes its log (see start_s
 
 
 def start_session(builder: SparkSession.Builder, settings: Settings, verbose: bool) -> SparkSession:
-    """Start (or join) the session. A JVM this process starts gets a log file as its
-    stderr, unless ``verbose``: Ivy's downloads and Spark's logging stay off the terminal,
-    and a failure to start is explained from what the JVM said."""
+    """Start (or join) the session. A JVM this process starts gets a log file for its
+    output, unless ``verbose``: Ivy's downloads and Spark's own logging and printing stay
+    off the terminal, and a failure to start is explained from what the JVM said."""
     global SPARK_LOG
     if under_spark_submit() or verbose:
         return builder.getOrCreate()
     SPARK_LOG = tempfile.NamedTemporaryFile(prefix="sparkify-etl-", suffix=".log", delete=False)
-    saved = os.dup(2)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    saved = [os.dup(1), os.dup(2)]
     try:
-        os.dup2(SPARK_LOG.fileno(), 2)  # the JVM inherits this as its stderr
+        for descriptor in (1, 2):  # the JVM inherits these as its stdout and stderr
+            os.dup2(SPARK_LOG.fileno(), descriptor)
         return builder.getOrCreate()
     except Exception:
-        os.dup2(saved, 2)
         raise EtlError(explain_start_failure(Path(SPARK_LOG.name).read_text(errors="replace"), settings)) from None
     finally:
-        os.dup2(saved, 2)
-        os.close(saved)
+        for descriptor, copy in zip((1, 2), saved):
+            os.dup2(copy, descriptor)
+            os.close(copy)
 
 
 def explain_start_failure(jvm_output: str, settings: Settings) -> str:
@@ -2366,6 +2448,7 @@ class RunReport:
     tables: dict[str, dict[str, object]] = field(default_factory=dict)
     versions: dict[str, int | None] = field(default_factory=dict)  # Delta tables after the run
     based_on: str | None = None  # the run whose tables this one replaced (Delta)
+    vacuumed_at: str | None = None  # when this run cleaned up old Delta files
     rolled_back_to: str | None = None
     checks: list[dict[str, object]] = field(default_factory=list)
     stages: dict[str, float] = field(default_factory=dict)
@@ -2613,6 +2696,8 @@ def execute(settings: Settings, args: argparse.Namespace,
         if spark is None:
             spark = given_session or build_spark_session(settings, args.verbose)
             settings = configure_storage(spark, settings, lake)
+            if settings.format == "delta":
+                configure_delta(spark, settings.retain_days)
         return spark
 
     with lake.lock(report.holder()):
@@ -2630,7 +2715,7 @@ def execute(settings: Settings, args: argparse.Namespace,
                 report.save_file_list(lake, inventories)
                 run_load(run)
                 if settings.format == "delta":
-                    report.timed("vacuum", vacuum_delta, run.spark, lake, settings.retain_days)
+                    report.timed("vacuum", vacuum_delta, run.spark, lake, report)
             if settings.catalog:
                 with activity(f"registering the tables in database {settings.catalog}"):
                     report.timed("catalog", register_tables, run.spark, lake, settings.catalog, settings.format)

@@ -268,12 +268,12 @@ def test_the_run_after_a_failed_s3_load_says_which_tables_it_had_replaced(tmp_pa
 
 @pytest.mark.parametrize("jars, version, expected", [
     (["spark-core_2.13-4.1.4.jar", "hadoop-client-api-3.4.2.jar"], "4.1.4",
-     "org.apache.hadoop:hadoop-aws:3.4.2,org.apache.spark:spark-hadoop-cloud_2.13:4.1.+"),
+     "org.apache.hadoop:hadoop-aws:3.4.2,org.apache.spark:spark-hadoop-cloud_2.13:4.1.2"),
     (["spark-core_2.12-3.5.9.jar", "hadoop-client-api-3.3.4.jar"], "3.5.9",
-     "org.apache.hadoop:hadoop-aws:3.3.4,org.apache.spark:spark-hadoop-cloud_2.12:3.5.+"),
+     "org.apache.hadoop:hadoop-aws:3.3.4,org.apache.spark:spark-hadoop-cloud_2.12:3.5.8"),
     # spark-hadoop-cloud is published up to 4.1: newer lines take the newest one.
     (["spark-core_2.13-4.3.0.jar", "hadoop-client-api-3.5.0.jar"], "4.3.0",
-     "org.apache.hadoop:hadoop-aws:3.5.0,org.apache.spark:spark-hadoop-cloud_2.13:4.1.+"),
+     "org.apache.hadoop:hadoop-aws:3.5.0,org.apache.spark:spark-hadoop-cloud_2.13:4.1.2"),
     (["spark-core_2.13-4.1.4.jar", "hadoop-client-api-3.4.2.jar", "hadoop-aws-3.4.2.jar"], "4.1.4", None),
 ])
 def test_connector_matches_the_installed_spark(jars, version, expected):
