@@ -1,16 +1,20 @@
-"""Benchmark etl.py end to end at named scales, against a floor, and print the figures.
+"""Benchmark etl.py end to end, on local disk or on a local S3 server, and print the figures.
 
-    python benchmark.py                       # prod scale, 3 runs each of the ETL and the floor
-    python benchmark.py --scale prod --scale large --runs 3 --json benchmarks/latest.json
+    python benchmark.py                              # prod scale on local disk, 3 runs, with the floor
+    python benchmark.py --scale prod --scale large   # several scales
+    python benchmark.py --against HEAD~1             # A/B: that revision's etl.py and this one, alternated
+    python benchmark.py --s3                         # on S3Proxy, 0 and 20 ms per request, requests counted
 
-For each scale it generates the dataset once with datagen.py (kept under --work), then
-runs ``python etl.py`` in a fresh process ``--runs`` times, each into a new output folder
-(earlier outputs are deleted before a scale's runs: see clear_earlier_outputs), and reports the median wall
-time, seconds per stage (from the run report), input records per second, peak resident
-memory (PSS) of the whole process tree (Python driver + JVM), and files and bytes written per
-table. The **floor** is the least any Spark job must do with these inputs: read both
-datasets once with the explicit schemas and write them unpartitioned as parquet, in a
-fresh process, also ``--runs`` times; every ETL figure is shown with its ratio to it.
+Local: each run is ``python etl.py`` in a fresh process into a new folder; reported are the
+median wall time, seconds per stage (from the run report), peak memory (PSS) of the whole
+process tree, files written, and the **floor**: the least any Spark job must do with these
+inputs (read both datasets once and write them unpartitioned), measured the same way.
+
+S3: the dataset is uploaded once to an S3Proxy started for the benchmark; every run reads it
+from there and writes a new output prefix through a proxy that adds a fixed delay to each
+request and counts the requests by kind. Runs at each delay alternate.
+
+Results go to benchmarks/latest.json and into docs/PERFORMANCE.md (the marked sections).
 """
 
 from __future__ import annotations
@@ -30,8 +34,11 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 import datagen
+import locals3
 
 HERE = Path(__file__).resolve().parent
+PERFORMANCE = HERE / "docs" / "PERFORMANCE.md"
+KEY, SECRET = "bench", "bench-secret"
 
 
 @dataclass(frozen=True)
@@ -43,14 +50,13 @@ class BenchScale:
 
 
 SCALES = {scale.name: scale for scale in (
-    BenchScale("prod", songs=15_000, days=30, events_per_day=270),            # ~8,000 events
+    BenchScale("prod", songs=15_000, days=30, events_per_day=270),  # the real dataset's size: ~8,000 events
     BenchScale("prod-2x-events", songs=15_000, days=30, events_per_day=540),
-    BenchScale("large", songs=100_000, days=30, events_per_day=100_000),      # 3,000,000 events
-    BenchScale("large-2x-events", songs=100_000, days=30, events_per_day=200_000),
+    BenchScale("large", songs=100_000, days=30, events_per_day=100_000),  # 3,000,000 events
 )}
 
 
-# --- measuring one process tree -------------------------------------------------
+# --- measuring one process tree ---------------------------------------------------
 
 def descendants(pid: int) -> list[int]:
     """``pid`` and every process below it, from /proc."""
@@ -71,9 +77,7 @@ def descendants(pid: int) -> list[int]:
 
 
 def resident_bytes(pids: list[int]) -> int:
-    """Proportional set size (PSS) of ``pids``: a page shared by several processes counts
-    once in the sum. (Plain RSS counts a vfork'ed child, which shares the JVM's memory until
-    it execs chmod, as a second JVM.)"""
+    """Proportional set size of ``pids``: a page several processes share counts once."""
     total = 0
     for pid in pids:
         try:
@@ -85,10 +89,17 @@ def resident_bytes(pids: list[int]) -> int:
     return total
 
 
-def timed_run(command: list[str]) -> tuple[float, int, subprocess.CompletedProcess]:
+def cpu_seconds(pid: int) -> float:
+    """User and system CPU time of a process and its waited-for children."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return sum(int(value) for value in fields[11:15]) / os.sysconf("SC_CLK_TCK")
+
+
+def timed_run(command: list[str], env: dict | None = None) -> tuple[float, int, subprocess.CompletedProcess]:
     """Wall seconds and peak resident bytes of the process tree ``command`` starts."""
     started = time.monotonic()
-    process = subprocess.Popen(command, cwd=HERE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    process = subprocess.Popen(command, cwd=HERE, env={**os.environ, **(env or {})}, stdout=subprocess.PIPE,
+                               stderr=subprocess.PIPE, text=True)
     peak = 0
     done = threading.Event()
 
@@ -104,148 +115,279 @@ def timed_run(command: list[str]) -> tuple[float, int, subprocess.CompletedProce
     wall = time.monotonic() - started
     done.set()
     sampler.join()
-    result = subprocess.CompletedProcess(command, process.returncode, stdout, stderr)
-    if result.returncode != 0:
+    if process.returncode != 0:
         raise SystemExit(f"{' '.join(command)} failed:\n{stderr[-3000:]}")
-    return wall, peak, result
+    return wall, peak, subprocess.CompletedProcess(command, process.returncode, stdout, stderr)
 
 
 def written_files(output: Path) -> dict[str, dict[str, int]]:
     tables = {}
     for table in ("songs", "artists", "users", "songplays", "time"):
-        files = [path for path in (output / table).rglob("*.parquet")]
-        folders = {path.parent for path in files}
+        files = list((output / table).rglob("*.parquet"))
         tables[table] = {"files": len(files), "bytes": sum(path.stat().st_size for path in files),
-                         "folders": len(folders)}
+                         "folders": len({path.parent for path in files})}
     return tables
 
 
-# --- the floor: read both inputs once, write them unpartitioned ------------------
+# --- the floor: read both inputs once, write them unpartitioned ------------------------
 
 def floor_job(input_root: str, output_root: str) -> None:
-    """Run in a fresh process by ``--floor``: the same session settings and explicit
-    schemas as etl.py, no transforms, no partitioning."""
+    """Run in a fresh process by ``--floor``: etl.py's session and reader, no transforms,
+    no partitioning, no checks."""
     import etl
 
-    settings = etl.Settings(etl.to_uri(input_root), etl.to_uri(output_root))
-    spark = etl.build_spark_session(settings)
+    settings = etl.Settings(etl.to_root(input_root), etl.to_root(output_root))
+    inventories = etl.inventory_input(settings)
+    spark = etl.build_spark_session(settings, verbose=False)
     try:
-        for dataset, schema in (("song_data", etl.SONG_SCHEMA), ("log_data", etl.LOG_SCHEMA)):
-            records = etl.read_json_records(spark, etl.table_path(settings.input_root, dataset), schema)
-            records.write.mode("overwrite").parquet(etl.table_path(settings.output_root, dataset))
+        for dataset, inventory in inventories.items():
+            records = etl.parse_records(etl.read_lines(spark, inventory.read, None), etl.DATASETS[dataset])
+            records.write.mode("overwrite").parquet(f"file://{settings.output_root}/{dataset}")
     finally:
         spark.stop()
 
 
-# --- one scale -----------------------------------------------------------------
+# --- local runs ------------------------------------------------------------------------
 
 def dataset_for(scale: BenchScale, work: Path) -> Path:
     root = work / "data" / scale.name
     marker = root / ".complete"
     if not marker.exists():
         shutil.rmtree(root, ignore_errors=True)
-        started = time.monotonic()
         print(f"generating {scale.name}: {scale.songs:,} songs, {scale.days} days x {scale.events_per_day:,} events",
               flush=True)
-        datagen.generate(root, datagen.Scale(songs=scale.songs, days=scale.days,
-                                             events_per_day=scale.events_per_day))
-        marker.write_text(f"{time.monotonic() - started:.1f} s\n")
+        datagen.generate(root, datagen.Scale(songs=scale.songs, days=scale.days, events_per_day=scale.events_per_day))
+        marker.write_text("generated\n")
     return root
 
 
-# This machine's ext4 root has no journal, and ext4 then skips each inode freed in the
-# last 60 s (360 s while its inode table block is unwritten) when it allocates new ones,
-# checking them one by one. Writing the songs folders right after deleting the previous
-# run's took 36 s instead of 22 s at large (94,206 folders; /tmp/exp/wlarge.py, session 4).
-# So earlier outputs are deleted once per scale, before its runs, and left to age; each
-# run writes into a folder of its own.
-FREED_INODE_WAIT_SECONDS = 65
+def etl_run(script: Path, data: Path, output: Path, extra: list[str]) -> dict:
+    wall, peak, _ = timed_run([sys.executable, str(script), "--input", str(data), "--output", str(output), *extra])
+    (report_path,) = (output / "_runs").glob("*.json")
+    report = json.loads(report_path.read_text())
+    return {"wall_seconds": round(wall, 2), "peak_pss_bytes": peak, "stages": report["stages"],
+            "inputs": {name: {key: facts[key] for key in ("files_read", "records")}
+                       for name, facts in report["inputs"].items()},
+            "rows": {table: facts["rows"] for table, facts in report["tables"].items()}}
 
 
-def clear_earlier_outputs(work: Path) -> None:
-    earlier = [folder for folder in (work / "out", work / "floor") if folder.exists()]
-    if not earlier:
-        return
-    for folder in earlier:
-        shutil.rmtree(folder)
-    os.sync()
-    print(f"  deleted earlier outputs under {work}; waiting {FREED_INODE_WAIT_SECONDS} s for the filesystem "
-          "to stop skipping their freed inodes", flush=True)
-    time.sleep(FREED_INODE_WAIT_SECONDS)
+def summarise(runs: list[dict]) -> dict:
+    return {"median_seconds": statistics.median(run["wall_seconds"] for run in runs),
+            "walls": [run["wall_seconds"] for run in runs],
+            "peak_pss_gib": round(max(run["peak_pss_bytes"] for run in runs) / 2**30, 2),
+            "median_stages": {stage: round(statistics.median(run["stages"][stage] for run in runs), 2)
+                              for stage in runs[0]["stages"]}}
 
 
-def measure(scale: BenchScale, runs: int, work: Path) -> dict:
+def measure_local(scale: BenchScale, runs: int, work: Path, extra: list[str], against: Path | None) -> dict:
+    """``runs`` ETL runs alternated with the floor (or with etl.py at another revision)."""
     data = dataset_for(scale, work)
-    clear_earlier_outputs(work)
-    etl_runs, floor_runs = [], []
+    shutil.rmtree(work / "out" / scale.name, ignore_errors=True)
+    current, other, floors = [], [], []
     for attempt in range(1, runs + 1):
-        output = work / "out" / scale.name / f"run-{attempt}"
-        wall, peak, result = timed_run([sys.executable, "etl.py", "--input", str(data), "--output", str(output)])
-        (report_path,) = (output / "_runs").glob("*.json")
-        report = json.loads(report_path.read_text())
-        etl_runs.append({"wall_seconds": round(wall, 2), "peak_pss_bytes": peak, "stages": report["stages"],
-                         "inputs": report["inputs"], "rows": {t: f["rows"] for t, f in report["tables"].items()}})
-        print(f"  {scale.name} etl run {attempt}: {wall:.1f} s, peak {peak / 2**30:.2f} GiB", flush=True)
-        floor_output = work / "floor" / scale.name / f"run-{attempt}"
-        wall, peak, _ = timed_run([sys.executable, __file__, "--floor", str(data), str(floor_output)])
-        floor_runs.append({"wall_seconds": round(wall, 2), "peak_pss_bytes": peak})
-        print(f"  {scale.name} floor run {attempt}: {wall:.1f} s", flush=True)
-    median = statistics.median(run["wall_seconds"] for run in etl_runs)
-    floor = statistics.median(run["wall_seconds"] for run in floor_runs)
-    records = sum(facts["records"] for facts in etl_runs[0]["inputs"].values())
-    return {
-        "scale": scale.__dict__, "runs": etl_runs, "floor_runs": floor_runs,
-        "median_seconds": median, "floor_median_seconds": floor, "ratio_to_floor": round(median / floor, 2),
-        "records": records, "records_per_second": round(records / median),
-        "peak_pss_bytes": max(run["peak_pss_bytes"] for run in etl_runs),
-        "median_stages": {stage: round(statistics.median(run["stages"][stage] for run in etl_runs), 2)
-                          for stage in etl_runs[0]["stages"]},
-        "written": written_files(output),
-    }
+        output = work / "out" / scale.name / f"etl-{attempt}"
+        current.append(etl_run(HERE / "etl.py", data, output, extra))
+        print(f"  {scale.name} run {attempt}: {current[-1]['wall_seconds']:.1f} s", flush=True)
+        if against is not None:
+            other.append(etl_run(against, data, work / "out" / scale.name / f"against-{attempt}", extra))
+            print(f"  {scale.name} run {attempt} at the other revision: {other[-1]['wall_seconds']:.1f} s", flush=True)
+        else:
+            wall, peak, _ = timed_run([sys.executable, __file__, "--floor", str(data),
+                                       str(work / "out" / scale.name / f"floor-{attempt}")])
+            floors.append({"wall_seconds": round(wall, 2), "peak_pss_bytes": peak})
+            print(f"  {scale.name} floor {attempt}: {wall:.1f} s", flush=True)
+    result = {"scale": scale.__dict__, "etl": summarise(current), "runs": current,
+              "records": sum(facts["records"] for facts in current[0]["inputs"].values()),
+              "written": written_files(work / "out" / scale.name / "etl-1")}
+    if against is not None:
+        result["against"] = summarise(other)
+    else:
+        result["floor_median_seconds"] = statistics.median(run["wall_seconds"] for run in floors)
+        result["floor_walls"] = [run["wall_seconds"] for run in floors]
+    return result
 
 
-def table(results: list[dict]) -> str:
-    lines = ["| scale | songs | events | ETL median (s) | floor median (s) | ratio | records/s | peak memory (GiB) | stages, median s |",
-             "|---|---|---|---|---|---|---|---|---|"]
+def local_table(results: list[dict]) -> str:
+    lines = ["| scale | records | ETL median (s), runs | floor median (s) | ratio | peak memory (GiB) | "
+             "stages, median s |", "|---|---|---|---|---|---|---|"]
     for result in results:
-        scale = result["scale"]
-        stages = ", ".join(f"{name} {seconds}" for name, seconds in result["median_stages"].items())
-        lines.append(f"| {scale['name']} | {scale['songs']:,} | {result['runs'][0]['inputs']['log_data']['records']:,} "
-                     f"| {result['median_seconds']:.1f} ({', '.join(str(r['wall_seconds']) for r in result['runs'])}) "
-                     f"| {result['floor_median_seconds']:.1f} | {result['ratio_to_floor']:.2f}x "
-                     f"| {result['records_per_second']:,} | {result['peak_pss_bytes'] / 2**30:.2f} | {stages} |")
-    lines += ["", "| scale | table | files | partition folders | bytes |", "|---|---|---|---|---|"]
-    for result in results:
-        for name, facts in result["written"].items():
-            lines.append(f"| {result['scale']['name']} | {name} | {facts['files']:,} | {facts['folders']:,} "
-                         f"| {facts['bytes']:,} |")
+        etl_runs = result["etl"]
+        stages = ", ".join(f"{name} {seconds}" for name, seconds in etl_runs["median_stages"].items())
+        floor = result.get("floor_median_seconds")
+        floor_text = f"{floor:.1f} | {etl_runs['median_seconds'] / floor:.2f}x" if floor else "- | -"
+        lines.append(f"| {result['scale']['name']} | {result['records']:,} | {etl_runs['median_seconds']:.1f} "
+                     f"({', '.join(map(str, etl_runs['walls']))}) | {floor_text} | {etl_runs['peak_pss_gib']} "
+                     f"| {stages} |")
+        if "against" in result:
+            other = result["against"]
+            lines.append(f"| {result['scale']['name']} (other revision) | | {other['median_seconds']:.1f} "
+                         f"({', '.join(map(str, other['walls']))}) | | | {other['peak_pss_gib']} | | ")
     return "\n".join(lines)
+
+
+# --- S3 runs -----------------------------------------------------------------------------
+
+def measure_s3(scale: BenchScale, runs: int, work: Path, extra: list[str], delays: list[float]) -> dict:
+    """Each run reads the dataset from S3Proxy and writes a new prefix, through a proxy
+    adding ``delay`` ms to every request; the delays alternate."""
+    data = dataset_for(scale, work)
+    with locals3.s3proxy(work / "s3" / "data", access_key=KEY, secret_key=SECRET) as endpoint:
+        server = next(pid for pid in descendants(os.getpid()) if "s3proxy" in _cmdline(pid))
+        access = _access(endpoint)
+        client = access.client(32)
+        upload_once(client, data, scale.name)
+        results = {delay: [] for delay in delays}
+        for attempt in range(1, runs + 1):
+            for delay in delays:
+                with locals3.LatencyProxy(endpoint, delay) as proxy:
+                    prefix = f"{scale.name}/{datetime.now(timezone.utc):%Y%m%dT%H%M%S}-{delay:g}ms"
+                    server_cpu = cpu_seconds(server)
+                    wall, peak, completed = timed_run(
+                        [sys.executable, str(HERE / "etl.py"), "--input", f"s3a://bench-input/{scale.name}",
+                         "--output", f"s3a://bench-output/{prefix}", *extra], env=_environment(proxy.endpoint))
+                    requests = proxy.reset()
+                    server_cpu = cpu_seconds(server) - server_cpu
+                written = _keys(client, "bench-output", prefix + "/")
+                report = json.loads(client.get_object(Bucket="bench-output", Key=next(
+                    key for key in written if key.endswith(".json") and "/_runs/" in key))["Body"].read())
+                read = sum(facts["files_read"] for facts in report["inputs"].values())
+                objects = read + len(written)
+                results[delay].append({
+                    "wall_seconds": round(wall, 2), "peak_pss_bytes": peak, "stages": report["stages"],
+                    "requests": dict(sorted(requests.items())), "requests_total": sum(requests.values()),
+                    "objects_read": read, "objects_written": len(written),
+                    "requests_per_object": round(sum(requests.values()) / objects, 3),
+                    "server_cpu_seconds": round(server_cpu, 1)})
+                print(f"  {scale.name} s3 run {attempt} at {delay:g} ms: {wall:.1f} s, {sum(requests.values()):,} "
+                      f"requests for {objects:,} objects", flush=True)
+                for batch in range(0, len(written), 1000):
+                    client.delete_objects(Bucket="bench-output", Delete={
+                        "Objects": [{"Key": key} for key in written[batch:batch + 1000]], "Quiet": True})
+    return {"scale": scale.__dict__, "format": "delta" if "delta" in extra else "parquet",
+            "delays": {f"{delay:g}": {**summarise(runs_at), "runs": runs_at} for delay, runs_at in results.items()}}
+
+
+def _cmdline(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode()
+    except OSError:
+        return ""
+
+
+def _access(endpoint: str):
+    import etl
+
+    return etl.S3Access("us-east-1", endpoint, KEY, SECRET)
+
+
+def _environment(endpoint: str) -> dict[str, str]:
+    return {"AWS_ENDPOINT_URL_S3": endpoint, "AWS_ACCESS_KEY_ID": KEY, "AWS_SECRET_ACCESS_KEY": SECRET,
+            "AWS_REGION": "us-east-1"}
+
+
+def _keys(client, bucket: str, prefix: str) -> list[str]:
+    pages = client.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix)
+    return [item["Key"] for page in pages for item in page.get("Contents", [])]
+
+
+def upload_once(client, data: Path, name: str) -> None:
+    from concurrent.futures import ThreadPoolExecutor
+
+    for bucket in ("bench-input", "bench-output"):
+        try:
+            client.create_bucket(Bucket=bucket)
+        except client.exceptions.BucketAlreadyOwnedByYou:
+            pass
+    if _keys(client, "bench-input", f"{name}/.complete"):
+        return
+    files = [path for path in data.rglob("*") if path.is_file() and path.name != ".complete"]
+    print(f"uploading {len(files):,} files of {name} to the benchmark's S3 server", flush=True)
+    with ThreadPoolExecutor(32) as pool:
+        list(pool.map(lambda path: client.upload_file(str(path), "bench-input",
+                                                      f"{name}/{path.relative_to(data).as_posix()}"), files))
+    client.put_object(Bucket="bench-input", Key=f"{name}/.complete", Body=b"")
+
+
+def s3_table(results: list[dict]) -> str:
+    lines = ["| scale | format | delay (ms) | wall median (s), runs | vs 0 ms | requests per object | requests | "
+             "by kind | S3 server CPU (s) |", "|---|---|---|---|---|---|---|---|---|"]
+    for result in results:
+        base = result["delays"].get("0", {}).get("median_seconds")
+        for delay, facts in result["delays"].items():
+            run = facts["runs"][0]
+            kinds = ", ".join(f"{kind} {count:,}" for kind, count in run["requests"].items())
+            ratio = f"{facts['median_seconds'] / base:.2f}x" if base else "-"
+            lines.append(f"| {result['scale']['name']} | {result['format']} | {delay} | {facts['median_seconds']:.1f} "
+                         f"({', '.join(map(str, facts['walls']))}) | {ratio} | {run['requests_per_object']} | "
+                         f"{run['requests_total']:,} for {run['objects_read']:,} read + {run['objects_written']:,} "
+                         f"written | {kinds} | {run['server_cpu_seconds']} |")
+    return "\n".join(lines)
+
+
+# --- results -------------------------------------------------------------------------------
+
+def publish(section: str, text: str) -> None:
+    """Replace the marked section of docs/PERFORMANCE.md with ``text``."""
+    begin, end = f"<!-- benchmark {section}: begin -->", f"<!-- benchmark {section}: end -->"
+    document = PERFORMANCE.read_text() if PERFORMANCE.exists() else ""
+    block = f"{begin}\n{text}\n{end}"
+    if begin in document and end in document:
+        document = document.split(begin)[0] + block + document.split(end, 1)[1]
+    else:
+        document += f"\n{block}\n"
+    PERFORMANCE.write_text(document)
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--scale", action="append", choices=sorted(SCALES),
-                        help="scale to measure (repeatable; default: prod)")
-    parser.add_argument("--runs", type=int, default=3, help="runs of the ETL and of the floor per scale")
+    parser.add_argument("--scale", action="append", choices=sorted(SCALES), help="repeatable (default: prod)")
+    parser.add_argument("--runs", type=int, default=3, help="runs per scale (and per delay)")
+    parser.add_argument("--format", choices=("parquet", "delta"), default="parquet")
+    parser.add_argument("--against", metavar="REVISION", help="A/B: alternate with etl.py at this git revision "
+                                                              "instead of the floor (local runs)")
+    parser.add_argument("--s3", action="store_true", help="read and write a local S3 server instead of local disk")
+    parser.add_argument("--delays", default="0,20", help="milliseconds added to each S3 request (default 0,20)")
     parser.add_argument("--work", default="/tmp/sparkify-bench", help="folder for datasets and outputs")
-    parser.add_argument("--json", default=str(HERE / "benchmarks" / "latest.json"), help="where to write the results")
+    parser.add_argument("--no-publish", action="store_true", help="leave docs/PERFORMANCE.md as it is")
     parser.add_argument("--floor", nargs=2, metavar=("INPUT", "OUTPUT"), help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.floor:
         floor_job(*args.floor)
         return 0
     work = Path(args.work)
-    results = [measure(SCALES[name], args.runs, work) for name in (args.scale or ["prod"])]
+    extra = ["--format", "delta"] if args.format == "delta" else []
+    scales = [SCALES[name] for name in (args.scale or ["prod"])]
+    against = None
+    if args.against:
+        checkout = work / "against"
+        shutil.rmtree(checkout, ignore_errors=True)
+        subprocess.run(["git", "worktree", "prune"], cwd=HERE, check=True)
+        subprocess.run(["git", "worktree", "add", "--detach", "-f", str(checkout), args.against], cwd=HERE,
+                       check=True, capture_output=True)
+        against = checkout / "etl.py"
+    if args.s3:
+        delays = [float(delay) for delay in args.delays.split(",")]
+        results = [measure_s3(scale, args.runs, work, extra, delays) for scale in scales]
+        text = s3_table(results)
+    else:
+        results = [measure_local(scale, args.runs, work, extra, against) for scale in scales]
+        text = local_table(results)
     import pyspark
 
     document = {"measured_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
                 "machine": {"cpus": os.cpu_count(), "python": platform.python_version(),
-                            "pyspark": pyspark.__version__},
-                "results": results}
-    Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.json).write_text(json.dumps(document, indent=2) + "\n")
-    print(table(results))
-    print(f"\nresults: {args.json}")
+                            "pyspark": pyspark.__version__}, "against": args.against, "results": results}
+    output = HERE / "benchmarks" / ("s3.json" if args.s3 else "local.json")
+    output.parent.mkdir(exist_ok=True)
+    output.write_text(json.dumps(document, indent=2) + "\n")
+    print(text)
+    if not args.no_publish and not args.against:
+        publish(f"{'s3' if args.s3 else 'local'} {args.format}",
+                f"Measured {document['measured_at'][:10]} with pyspark {pyspark.__version__} on {os.cpu_count()} cores "
+                f"(`python benchmark.py{' --s3' if args.s3 else ''}"
+                f"{' --format delta' if args.format == 'delta' else ''}"
+                f"{''.join(f' --scale {s.name}' for s in scales)}`):\n\n{text}")
+    print(f"\nresults: {output}")
     return 0
 
 

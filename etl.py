@@ -2179,7 +2179,7 @@ def session_packages(settings: Settings, local_jvm: bool) -> dict[str, str]:
     if settings.format == "delta":
         packages.append(delta_package(pyspark_version()))
         excludes = SHIPPED_WITH_SPARK
-    if local_jvm and not is_s3(settings.output_root):
+    if local_jvm:
         packages += [package for package in LOCAL_RUN_PACKAGES if (settings.packages or "").lower() != "none"]
     confs = {"spark.jars.packages": ",".join(packages)} if packages else {}
     if excludes:
@@ -2396,7 +2396,10 @@ def configure_storage(spark: SparkSession, settings: Settings, lake: Lake) -> Se
 # files without forking: thousands of song partition folders are written several times
 # faster.
 NIO_LOCAL_FS_PACKAGE = "com.globalmentor:hadoop-bare-naked-local-fs:0.1.0"
-NIO_LOCAL_FS_CLASS = "com.globalmentor.apache.hadoop.fs.NakedLocalFileSystem"
+NIO_LOCAL_FS_CLASS = "com.globalmentor.apache.hadoop.fs.NakedLocalFileSystem"  # raw: no .crc files
+# The same with Hadoop's checksums, a LocalFileSystem, as the S3A staging committer needs
+# for the files it stages on local disk before uploading them.
+NIO_CHECKSUMMED_FS_CLASS = "com.globalmentor.apache.hadoop.fs.BareLocalFileSystem"
 LOCAL_RUN_PACKAGES = (NIO_LOCAL_FS_PACKAGE,)
 # The driver is the whole local cluster: Spark's 1 GB default makes aggregations spill.
 LOCAL_DRIVER_MEMORY = "2g"
@@ -2412,12 +2415,13 @@ def local_run_settings(settings: Settings) -> dict[str, str]:
 
 
 def tune_local_session(spark: SparkSession, settings: Settings) -> None:
-    """Write a local output through the NIO filesystem when its jar could be loaded. (Not
-    with an S3 output: the S3A staging committer needs Hadoop's own local filesystem.)"""
-    if is_s3(settings.output_root) or not jvm_has_class(spark, NIO_LOCAL_FS_CLASS):
+    """Write local files through the NIO filesystem when its jar could be loaded: the
+    tables of a local output, or the files an S3 output stages on local disk."""
+    name = NIO_CHECKSUMMED_FS_CLASS if is_s3(settings.output_root) else NIO_LOCAL_FS_CLASS
+    if not jvm_has_class(spark, name):
         return
     hadoop_conf = spark.sparkContext._jsc.hadoopConfiguration()
-    hadoop_conf.set("fs.file.impl", NIO_LOCAL_FS_CLASS)
+    hadoop_conf.set("fs.file.impl", name)
     # A file:// filesystem cached before the jar was loaded would be used otherwise.
     hadoop_conf.set("fs.file.impl.disable.cache", "true")
 
