@@ -32,24 +32,105 @@ from dataclasses import dataclass
 from datetime import date, datetime, timedelta, timezone
 from pathlib import Path
 
-WORDS = (
-    "love night heart dream fire rain blue road home summer light shadow river girl "
-    "time world dance gold moon city wild soul baby star angel ghost train sky ocean "
-    "hello yesterday forever broken electric sweet lonely midnight paradise"
-).split()
-FIRST_NAMES = (
-    "Walter Kaylee Lily Jacob Layla Tegan Chloe Ryan Jayden Aleena Cienna Matthew "
-    "Kate Ava Connar Sara Mohammad Jordan Harper Rylan Anabelle Lucero Avery Kinsley"
-).split()
-LAST_NAMES = (
-    "Frye Summers Koch Rogers Griffin Levine Cuevas Smith Bell Kirby Freeman Jones "
-    "Harrell Robinson Moreno Johnson Rodriguez Hodges Barrera George Simpson Reed"
-).split()
+WORDS = [
+    "love",
+    "night",
+    "heart",
+    "dream",
+    "fire",
+    "rain",
+    "blue",
+    "road",
+    "home",
+    "summer",
+    "light",
+    "shadow",
+    "river",
+    "girl",
+    "time",
+    "world",
+    "dance",
+    "gold",
+    "moon",
+    "city",
+    "wild",
+    "soul",
+    "baby",
+    "star",
+    "angel",
+    "ghost",
+    "train",
+    "sky",
+    "ocean",
+    "hello",
+    "yesterday",
+    "forever",
+    "broken",
+    "electric",
+    "sweet",
+    "lonely",
+    "midnight",
+    "paradise",
+]
+FIRST_NAMES = [
+    "Walter",
+    "Kaylee",
+    "Lily",
+    "Jacob",
+    "Layla",
+    "Tegan",
+    "Chloe",
+    "Ryan",
+    "Jayden",
+    "Aleena",
+    "Cienna",
+    "Matthew",
+    "Kate",
+    "Ava",
+    "Connar",
+    "Sara",
+    "Mohammad",
+    "Jordan",
+    "Harper",
+    "Rylan",
+    "Anabelle",
+    "Lucero",
+    "Avery",
+    "Kinsley",
+]
+LAST_NAMES = [
+    "Frye",
+    "Summers",
+    "Koch",
+    "Rogers",
+    "Griffin",
+    "Levine",
+    "Cuevas",
+    "Smith",
+    "Bell",
+    "Kirby",
+    "Freeman",
+    "Jones",
+    "Harrell",
+    "Robinson",
+    "Moreno",
+    "Johnson",
+    "Rodriguez",
+    "Hodges",
+    "Barrera",
+    "George",
+    "Simpson",
+    "Reed",
+]
 CITIES = (
-    "San Francisco-Oakland-Hayward, CA", "Atlanta-Sandy Springs-Roswell, GA",
-    "Portland-South Portland, ME", "Chicago-Naperville-Elgin, IL-IN-WI",
-    "New York-Newark-Jersey City, NY-NJ-PA", "Lansing-East Lansing, MI",
-    "Waterloo-Cedar Falls, IA", "Tampa-St. Petersburg-Clearwater, FL",
+    "San Francisco-Oakland-Hayward, CA",
+    "Atlanta-Sandy Springs-Roswell, GA",
+    "Portland-South Portland, ME",
+    "Chicago-Naperville-Elgin, IL-IN-WI",
+    "New York-Newark-Jersey City, NY-NJ-PA",
+    "Lansing-East Lansing, MI",
+    "Waterloo-Cedar Falls, IA",
+    "Tampa-St. Petersburg-Clearwater, FL",
 )
 USER_AGENTS = (
     '"Mozilla/5.0 (Macintosh; Intel Mac OS X 10_9_4) AppleWebKit/537.36 (KHTML, like Gecko) '
@@ -59,8 +140,19 @@ USER_AGENTS = (
     '"Mozilla/5.0 (iPhone; CPU iPhone OS 7_1_2 like Mac OS X) AppleWebKit/537.51.2 (KHTML, like '
     'Gecko) Version/7.0 Mobile/11D257 Safari/9537.53"',
 )
-OTHER_PAGES = ("Home", "Settings", "Help", "About", "Add to Playlist", "Thumbs Up",
-               "Thumbs Down", "Add Friend", "Roll Advert", "Error", "Logout")
+OTHER_PAGES = (
+    "Home",
+    "Settings",
+    "Help",
+    "About",
+    "Add to Playlist",
+    "Thumbs Up",
+    "Thumbs Down",
+    "Add Friend",
+    "Roll Advert",
+    "Error",
+    "Logout",
+)
 ID_ALPHABET = string.ascii_uppercase + string.digits
 DAY_MS = 86_400_000
 
@@ -117,13 +209,15 @@ def _artists(rng: random.Random, count: int) -> list[Artist]:
         if index % 97 == 5:
             name = rng.randint(10, 999)  # bands like "311" arrive as JSON numbers
         has_place = rng.random() < 0.35
-        artists.append(Artist(
-            artist_id=_random_id(rng, "AR"),
-            name=name,
-            location=rng.choice(CITIES) if rng.random() < 0.6 else rng.choice(("", None)),
-            latitude=round(rng.uniform(-60, 60), 5) if has_place else None,
-            longitude=round(rng.uniform(-150, 150), 5) if has_place else None,
-        ))
+        artists.append(
+            Artist(
+                artist_id=_random_id(rng, "AR"),
+                name=name,
+                location=rng.choice(CITIES) if rng.random() < 0.6 else rng.choice(("", None)),
+                latitude=round(rng.uniform(-60, 60), 5) if has_place else None,
+                longitude=round(rng.uniform(-150, 150), 5) if has_place else None,
+            )
+        )
     return artists
 
 
@@ -136,17 +230,26 @@ def _song_records(rng: random.Random, scale: Scale) -> list[dict]:
         name, location = artist.name, artist.location
         if index >= len(artists) and rng.random() < 0.5:  # another spelling on a later song
             name = f"{name} featuring {rng.choice(FIRST_NAMES)}"
-            location = rng.choice(CITIES + ("",))
+            location = rng.choice((*CITIES, ""))
         title: object = " ".join(rng.choice(WORDS).title() for _ in range(rng.randint(1, 4)))
         if index % 53 == 7:
             title = rng.randint(1, 999)  # numeric titles, as in the real data
         duration = round(rng.uniform(30, 600), 5)
         year = 0 if rng.random() < 0.5 else rng.randint(1955, 2010)
-        records.append({
-            "num_songs": 1, "artist_id": artist.artist_id, "artist_latitude": artist.latitude,
-            "artist_longitude": artist.longitude, "artist_location": location, "artist_name": name,
-            "song_id": _random_id(rng, "SO"), "title": title, "duration": duration, "year": year,
-        })
+        records.append(
+            {
+                "num_songs": 1,
+                "artist_id": artist.artist_id,
+                "artist_latitude": artist.latitude,
+                "artist_longitude": artist.longitude,
+                "artist_location": location,
+                "artist_name": name,
+                "song_id": _random_id(rng, "SO"),
+                "title": title,
+                "duration": duration,
+                "year": year,
+            }
+        )
         if index % 41 == 3:  # a second song with the same (title, artist_name, duration)
             twin = dict(records[-1], song_id=_random_id(rng, "SO"), year=rng.randint(1960, 2010))
             records.append(twin)
@@ -162,13 +265,19 @@ def _users(rng: random.Random, scale: Scale) -> list[User]:
         level_change = None
         if number % 12 == 2:  # about 8 % of users upgrade or downgrade during the period
             level_change = start_ms + rng.randrange(DAY_MS, max(DAY_MS + 1, month_ms - DAY_MS))
-        users.append(User(
-            user_id=str(number), first_name=rng.choice(FIRST_NAMES), last_name=rng.choice(LAST_NAMES),
-            gender=rng.choice("MF"), location=rng.choice(CITIES), user_agent=rng.choice(USER_AGENTS),
-            level=rng.choice(("free", "free", "paid")),
-            registration=float(start_ms - rng.randrange(DAY_MS, 60 * DAY_MS)),
-            level_change_ms=level_change,
-        ))
+        users.append(
+            User(
+                user_id=str(number),
+                first_name=rng.choice(FIRST_NAMES),
+                last_name=rng.choice(LAST_NAMES),
+                gender=rng.choice("MF"),
+                location=rng.choice(CITIES),
+                user_agent=rng.choice(USER_AGENTS),
+                level=rng.choice(("free", "free", "paid")),
+                registration=float(start_ms - rng.randrange(DAY_MS, 60 * DAY_MS)),
+                level_change_ms=level_change,
+            )
+        )
     return users
 
 
@@ -182,8 +291,9 @@ def _level_at(user: User, ts: int) -> str:
     return "paid" if user.level == "free" else "free"
 
 
-def _event(user: User | None, session_id: int, item: int, ts: int, page: str, song: dict | None,
-           rng: random.Random) -> dict:
+def _event(
+    user: User | None, session_id: int, item: int, ts: int, page: str, song: dict | None, rng: random.Random
+) -> dict:
     logged_in = user is not None
     return {
         "artist": None if song is None else song["artist_name"],
@@ -211,14 +321,21 @@ def _play(rng: random.Random, songs: list[dict]) -> dict:
     """The (song, artist, length) of a play: mostly a catalogue song, sometimes an unknown one."""
     if rng.random() < 0.8:
         record = rng.choice(songs)
-        return {"title": str(record["title"]), "artist_name": str(record["artist_name"]),
-                "duration": record["duration"]}
-    return {"title": rng.choice(WORDS).title() + " (Live)", "artist_name": rng.choice(LAST_NAMES),
-            "duration": round(rng.uniform(30, 600), 5)}
+        return {
+            "title": str(record["title"]),
+            "artist_name": str(record["artist_name"]),
+            "duration": record["duration"],
+        }
+    return {
+        "title": rng.choice(WORDS).title() + " (Live)",
+        "artist_name": rng.choice(LAST_NAMES),
+        "duration": round(rng.uniform(30, 600), 5),
+    }
 
 
-def _day_events(rng: random.Random, day: date, users: list[User], songs: list[dict],
-                per_day: int, first_session: int) -> tuple[list[dict], int]:
+def _day_events(
+    rng: random.Random, day: date, users: list[User], songs: list[dict], per_day: int, first_session: int
+) -> tuple[list[dict], int]:
     """Sessions of one UTC day, in time order, the last event in the day's final second."""
     day_ms = _day_start_ms(day)
     events: list[dict] = []
@@ -231,8 +348,9 @@ def _day_events(rng: random.Random, day: date, users: list[User], songs: list[di
         for item in range(length):
             if user is None:
                 page, song = rng.choice(("Home", "Login", "About", "Help")), None
-            elif (user.level_change_ms is not None and ts >= user.level_change_ms
-                  and ts - 300_000 < user.level_change_ms):
+            elif (
+                user.level_change_ms is not None and ts >= user.level_change_ms and ts - 300_000 < user.level_change_ms
+            ):
                 page, song = "Submit Upgrade" if user.level == "free" else "Submit Downgrade", None
             elif rng.random() < 0.84:
                 page, song = "NextSong", _play(rng, songs)
@@ -242,8 +360,11 @@ def _day_events(rng: random.Random, day: date, users: list[User], songs: list[di
             ts += rng.randint(1_000, 60_000)
     # One play in the day's last second: it must stay on this date in every UTC time part.
     session_id += 1
-    events.append(_event(rng.choice(users), session_id, 0, day_ms + DAY_MS - rng.randint(1, 999),
-                         "NextSong", _play(rng, songs), rng))
+    events.append(
+        _event(
+            rng.choice(users), session_id, 0, day_ms + DAY_MS - rng.randint(1, 999), "NextSong", _play(rng, songs), rng
+        )
+    )
     events.sort(key=lambda event: (event["ts"], event["sessionId"], event["itemInSession"]))
     return events, session_id
 
@@ -251,6 +372,7 @@ def _day_events(rng: random.Random, day: date, users: list[User], songs: list[di
 def _corrupt_log_lines(rng: random.Random, sample: dict, other: dict) -> list[str]:
     """Lines a real pipeline meets: truncated JSON, text where a number belongs, bad ids,
     out-of-range values, two events on one line."""
+
     def variant(**changes) -> str:
         return _dump(dict(sample, **changes), rng)
 
@@ -261,7 +383,9 @@ def _corrupt_log_lines(rng: random.Random, sample: dict, other: dict) -> list[st
         _dump(sample, rng)[:57],  # truncated
         variant(ts="yesterday"),
         variant(userId="anonymous-7"),
-        without("ts"), without("page"), without("userId"),
+        without("ts"),
+        without("page"),
+        without("userId"),
         variant(page="NextSong", userId="", firstName=None, lastName=None),
         variant(page="NextSong", sessionId=None),
         "not json at all",

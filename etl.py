@@ -35,11 +35,11 @@ import tempfile
 import threading
 import time
 import zlib
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field, replace
 from datetime import date, datetime, timezone
 from pathlib import Path
-from typing import Callable, Iterable, Iterator, Mapping, Sequence
 from urllib.parse import unquote, urlparse
 
 from pyspark.sql import Column, DataFrame, SparkSession
@@ -55,39 +55,43 @@ log = logging.getLogger("sparkify.etl")
 # Schemas: explicit for every read; text where real data has numbers in text fields
 # =============================================================================
 
-SONG_SCHEMA = T.StructType([
-    T.StructField("song_id", T.StringType()),
-    T.StructField("title", T.StringType()),  # sometimes a JSON number: read as its text
-    T.StructField("artist_id", T.StringType()),
-    T.StructField("artist_name", T.StringType()),  # sometimes a JSON number too
-    T.StructField("artist_location", T.StringType()),
-    T.StructField("artist_latitude", T.DoubleType()),
-    T.StructField("artist_longitude", T.DoubleType()),
-    T.StructField("duration", T.DoubleType()),
-    T.StructField("year", T.IntegerType()),
-    T.StructField("num_songs", T.IntegerType()),
-])
+SONG_SCHEMA = T.StructType(
+    [
+        T.StructField("song_id", T.StringType()),
+        T.StructField("title", T.StringType()),  # sometimes a JSON number: read as its text
+        T.StructField("artist_id", T.StringType()),
+        T.StructField("artist_name", T.StringType()),  # sometimes a JSON number too
+        T.StructField("artist_location", T.StringType()),
+        T.StructField("artist_latitude", T.DoubleType()),
+        T.StructField("artist_longitude", T.DoubleType()),
+        T.StructField("duration", T.DoubleType()),
+        T.StructField("year", T.IntegerType()),
+        T.StructField("num_songs", T.IntegerType()),
+    ]
+)
 
-LOG_SCHEMA = T.StructType([
-    T.StructField("ts", T.LongType()),  # epoch milliseconds, UTC
-    T.StructField("userId", T.StringType()),  # "" when logged out
-    T.StructField("firstName", T.StringType()),
-    T.StructField("lastName", T.StringType()),
-    T.StructField("gender", T.StringType()),
-    T.StructField("level", T.StringType()),
-    T.StructField("location", T.StringType()),
-    T.StructField("userAgent", T.StringType()),
-    T.StructField("page", T.StringType()),
-    T.StructField("song", T.StringType()),
-    T.StructField("artist", T.StringType()),
-    T.StructField("length", T.DoubleType()),
-    T.StructField("sessionId", T.LongType()),
-    T.StructField("itemInSession", T.LongType()),
-    T.StructField("auth", T.StringType()),
-    T.StructField("method", T.StringType()),
-    T.StructField("status", T.IntegerType()),
-    T.StructField("registration", T.DoubleType()),
-])
+LOG_SCHEMA = T.StructType(
+    [
+        T.StructField("ts", T.LongType()),  # epoch milliseconds, UTC
+        T.StructField("userId", T.StringType()),  # "" when logged out
+        T.StructField("firstName", T.StringType()),
+        T.StructField("lastName", T.StringType()),
+        T.StructField("gender", T.StringType()),
+        T.StructField("level", T.StringType()),
+        T.StructField("location", T.StringType()),
+        T.StructField("userAgent", T.StringType()),
+        T.StructField("page", T.StringType()),
+        T.StructField("song", T.StringType()),
+        T.StructField("artist", T.StringType()),
+        T.StructField("length", T.DoubleType()),
+        T.StructField("sessionId", T.LongType()),
+        T.StructField("itemInSession", T.LongType()),
+        T.StructField("auth", T.StringType()),
+        T.StructField("method", T.StringType()),
+        T.StructField("status", T.IntegerType()),
+        T.StructField("registration", T.DoubleType()),
+    ]
+)
 
 DATASETS = {"song_data": SONG_SCHEMA, "log_data": LOG_SCHEMA}
 # Fields no table is built from: parsed (a wrong type there still rejects the record)
@@ -105,10 +109,16 @@ MAX_NAME_BYTES = 255
 
 def struct(ddl: str) -> T.StructType:
     """``"a string, b int"`` as a StructType (no session needed)."""
-    kinds = {"string": T.StringType(), "int": T.IntegerType(), "bigint": T.LongType(),
-             "double": T.DoubleType(), "timestamp": T.TimestampType()}
-    return T.StructType([T.StructField(name, kinds[kind]) for name, kind in
-                         (column.split() for column in ddl.split(","))])
+    kinds = {
+        "string": T.StringType(),
+        "int": T.IntegerType(),
+        "bigint": T.LongType(),
+        "double": T.DoubleType(),
+        "timestamp": T.TimestampType(),
+    }
+    return T.StructType(
+        [T.StructField(name, kinds[kind]) for name, kind in (column.split() for column in ddl.split(","))]
+    )
 
 
 @dataclass(frozen=True)
@@ -126,26 +136,51 @@ class TableSpec:
         return self.schema.fieldNames()[0]
 
 
-SONGPLAYS = TableSpec("songplays", struct(
-    "songplay_id string, start_time timestamp, user_id int, level string, song_id string, artist_id string, "
-    "session_id bigint, location string, user_agent string, year int, month int"),
-    ("year", "month"), ("start_time", "songplay_id"))
-USERS = TableSpec("users", struct("user_id int, first_name string, last_name string, gender string, level string"),
-                  (), ("user_id",))
+SONGPLAYS = TableSpec(
+    "songplays",
+    struct(
+        "songplay_id string, start_time timestamp, user_id int, level string, song_id string, artist_id string, "
+        "session_id bigint, location string, user_agent string, year int, month int"
+    ),
+    ("year", "month"),
+    ("start_time", "songplay_id"),
+)
+USERS = TableSpec(
+    "users", struct("user_id int, first_name string, last_name string, gender string, level string"), (), ("user_id",)
+)
 # Nearly every songs folder holds one or two rows: compression and dictionaries save
-# nothing there, while setting them up costs time in each of thousands of files.
-SONGS = TableSpec("songs", struct("song_id string, title string, artist_id string, year int, duration double"),
-                  ("year", "artist_id"), ("song_id",),
-                  (("compression", "uncompressed"), ("parquet.enable.dictionary", "false")))
-ARTISTS = TableSpec("artists", struct("artist_id string, name string, location string, latitude double, "
-                                      "longitude double"), (), ("artist_id",))
-TIME = TableSpec("time", struct("start_time timestamp, hour int, day int, week int, month int, year int, weekday int"),
-                 ("year", "month"), ("start_time",))
+# nothing there, while setting them up costs time in each of thousands of files
+# (measured in docs/PERFORMANCE.md).
+SONGS = TableSpec(
+    "songs",
+    struct("song_id string, title string, artist_id string, year int, duration double"),
+    ("year", "artist_id"),
+    ("song_id",),
+    (("compression", "uncompressed"), ("parquet.enable.dictionary", "false")),
+)
+ARTISTS = TableSpec(
+    "artists",
+    struct("artist_id string, name string, location string, latitude double, longitude double"),
+    (),
+    ("artist_id",),
+)
+TIME = TableSpec(
+    "time",
+    struct("start_time timestamp, hour int, day int, week int, month int, year int, weekday int"),
+    ("year", "month"),
+    ("start_time",),
+)
 STAR_SCHEMA = (SONGPLAYS, USERS, SONGS, ARTISTS, TIME)
 # Each user's latest event so far, which an incremental load merges its window with.
-USER_STATE = TableSpec("_state/user_latest_event", struct(
-    "user_id int, ts bigint, sessionId bigint, itemInSession bigint, firstName string, lastName string, "
-    "gender string, level string"), (), ("user_id",))
+USER_STATE = TableSpec(
+    "_state/user_latest_event",
+    struct(
+        "user_id int, ts bigint, sessionId bigint, itemInSession bigint, firstName string, lastName string, "
+        "gender string, level string"
+    ),
+    (),
+    ("user_id",),
+)
 
 
 # =============================================================================
@@ -185,9 +220,14 @@ class Inventory:
             self.read.append(InputFile(path, size, codec))
 
     def facts(self) -> dict[str, object]:
-        return {"folder": self.folder, "files_found": self.found, "files_read": len(self.read),
-                "files_skipped": len(self.skipped), "bytes_read": sum(f.size for f in self.read),
-                "skipped": [{"path": path, "reason": reason} for path, reason in self.skipped]}
+        return {
+            "folder": self.folder,
+            "files_found": self.found,
+            "files_read": len(self.read),
+            "files_skipped": len(self.skipped),
+            "bytes_read": sum(f.size for f in self.read),
+            "skipped": [{"path": path, "reason": reason} for path, reason in self.skipped],
+        }
 
 
 def skip_reason(relative: str) -> tuple[str | None, str | None]:
@@ -231,8 +271,10 @@ def list_local_dataset(root: Path, dataset: str) -> Inventory:
             if stat.S_ISDIR(info.st_mode):
                 identity = (info.st_dev, info.st_ino)
                 if identity in ancestors:
-                    raise EtlError(f"The input has a symlink loop: {path} leads back to a folder that contains it "
-                                   f"({os.path.realpath(path)}). Remove the link or point it elsewhere.")
+                    raise EtlError(
+                        f"The input has a symlink loop: {path} leads back to a folder that contains it "
+                        f"({os.path.realpath(path)}). Remove the link or point it elsewhere."
+                    )
                 walk(path, f"{name}/", (*ancestors, identity))
             elif stat.S_ISREG(info.st_mode):
                 inventory.add(str(path), info.st_size, name)
@@ -253,7 +295,7 @@ def list_s3_dataset(client, root: str, dataset: str) -> Inventory:
             key = item["Key"]
             if key.endswith("/"):  # a folder marker, not a file
                 continue
-            inventory.add(f"{root.split('://')[0]}://{bucket}/{key}", item["Size"], key[len(prefix):])
+            inventory.add(f"{root.split('://')[0]}://{bucket}/{key}", item["Size"], key[len(prefix) :])
     return inventory
 
 
@@ -272,12 +314,20 @@ class S3Access:
         from botocore.config import Config
 
         return boto3.client(
-            "s3", region_name=self.region or "us-east-1", endpoint_url=self.endpoint_url,
-            aws_access_key_id=self.access_key_id, aws_secret_access_key=self.secret_access_key,
+            "s3",
+            region_name=self.region or "us-east-1",
+            endpoint_url=self.endpoint_url,
+            aws_access_key_id=self.access_key_id,
+            aws_secret_access_key=self.secret_access_key,
             aws_session_token=self.session_token,
-            config=Config(connect_timeout=5, read_timeout=60, max_pool_connections=connections,
-                          retries={"max_attempts": 5, "mode": "standard"},
-                          s3={"addressing_style": "path"} if self.endpoint_url else None))
+            config=Config(
+                connect_timeout=5,
+                read_timeout=60,
+                max_pool_connections=connections,
+                retries={"max_attempts": 5, "mode": "standard"},
+                s3={"addressing_style": "path"} if self.endpoint_url else None,
+            ),
+        )
 
 
 # A task fetching files from S3 keeps this many requests in flight: one file is a
@@ -286,14 +336,18 @@ S3_FETCHES_IN_FLIGHT = 32
 READ_ERROR = "etl.py cannot read input file"
 
 
-def fetch_files(files: Iterable[tuple[str, str | None]], access: S3Access | None) -> Iterator[tuple[str, bytearray | None, str | None]]:
+def fetch_files(
+    files: Iterable[tuple[str, str | None]], access: S3Access | None
+) -> Iterator[tuple[str, bytearray | None, str | None]]:
     """(path, decoded bytes, None) for each (path, codec), or (path, None, reason) when its
     content cannot be decompressed. A file that cannot be read at all fails the task."""
     files = list(files)
     if access is None:
+
         def read(path: str) -> bytes:
             with open(path, "rb") as handle:
                 return handle.read()
+
         in_flight = 1
     else:
         client = access.client(S3_FETCHES_IN_FLIGHT)
@@ -301,6 +355,7 @@ def fetch_files(files: Iterable[tuple[str, str | None]], access: S3Access | None
         def read(path: str) -> bytes:
             bucket, key = bucket_and_key(path)
             return client.get_object(Bucket=bucket, Key=key)["Body"].read()
+
         in_flight = S3_FETCHES_IN_FLIGHT
 
     def fetch(file: tuple[str, str | None]) -> tuple[str, bytearray | None, str | None]:
@@ -360,12 +415,15 @@ def read_lines(spark: SparkSession, files: Sequence[InputFile], access: S3Access
     fetched = spark.sparkContext.parallelize(batches, len(batches)).flatMap(lambda batch: fetch_files(batch, access))
     contents = spark.createDataFrame(fetched, FILE_COLUMNS)
     lines = contents.select(
-        "source_file", "error",
-        F.posexplode_outer(F.split(F.col("data").cast("string"), r"\r?\n")).alias("position", "line"))
+        "source_file",
+        "error",
+        F.posexplode_outer(F.split(F.col("data").cast("string"), r"\r?\n")).alias("position", "line"),
+    )
     first = F.coalesce(F.col("position"), F.lit(0)) == 0
     is_record = F.col("error").isNotNull() | F.col("line").rlike(r"\S")
-    return (lines.select("source_file", "error", "line", first.alias("first"), is_record.alias("is_record"))
-            .where(F.col("first") | F.col("is_record")))
+    return lines.select("source_file", "error", "line", first.alias("first"), is_record.alias("is_record")).where(
+        F.col("first") | F.col("is_record")
+    )
 
 
 def parse_records(lines: DataFrame, schema: T.StructType) -> DataFrame:
@@ -380,25 +438,39 @@ def parse_records(lines: DataFrame, schema: T.StructType) -> DataFrame:
 # Transform: pure functions, DataFrames in, DataFrames out
 # =============================================================================
 
+
 def type_name(kind: T.DataType) -> str:
-    return {T.LongType(): "a 64-bit integer", T.IntegerType(): "a 32-bit integer",
-            T.DoubleType(): "a number"}.get(kind, "text")
+    return {T.LongType(): "a 64-bit integer", T.IntegerType(): "a 32-bit integer", T.DoubleType(): "a number"}.get(
+        kind, "text"
+    )
 
 
 def reject_reason(schema: T.StructType, *rules: tuple[Column, str | Column]) -> Column:
     """Why a parsed line cannot be used, or null: the parser's verdicts, then ``rules`` in order."""
     corrupt, raw = F.col(CORRUPT_RECORD), F.col("_raw_fields")
     # A field the parser could not convert is null in the record but present in the raw text.
-    wrong_type = F.coalesce(*[
-        F.when(F.col(f.name).isNull() & raw.getItem(f.name).isNotNull(), F.lit(f"{f.name} is not {type_name(f.dataType)}"))
-        for f in schema.fields if type_name(f.dataType) != "text"], F.lit("a field has the wrong type"))
+    wrong_type = F.coalesce(
+        *[
+            F.when(
+                F.col(f.name).isNull() & raw.getItem(f.name).isNotNull(),
+                F.lit(f"{f.name} is not {type_name(f.dataType)}"),
+            )
+            for f in schema.fields
+            if type_name(f.dataType) != "text"
+        ],
+        F.lit("a field has the wrong type"),
+    )
     # The parser stops after the first JSON value on a line. Text after a closing brace
     # makes the line suspect; it holds one value only if it parses as a one-item array.
-    one_value = F.coalesce(F.size(F.from_json(F.concat(F.lit("["), "line", F.lit("]")), "array<string>")), F.lit(-1)) == 1
-    reason = (F.when(F.col("error").isNotNull(), F.col("error"))
-              .when(corrupt.isNotNull() & raw.isNull(), "malformed JSON")
-              .when(corrupt.isNotNull(), wrong_type)
-              .when(F.col("line").rlike(r"\}\s*\S") & ~one_value, "several JSON values on one line"))
+    one_value = (
+        F.coalesce(F.size(F.from_json(F.concat(F.lit("["), "line", F.lit("]")), "array<string>")), F.lit(-1)) == 1
+    )
+    reason = (
+        F.when(F.col("error").isNotNull(), F.col("error"))
+        .when(corrupt.isNotNull() & raw.isNull(), "malformed JSON")
+        .when(corrupt.isNotNull(), wrong_type)
+        .when(F.col("line").rlike(r"\}\s*\S") & ~one_value, "several JSON values on one line")
+    )
     for rule, text in rules:
         reason = reason.when(rule, text)
     return reason
@@ -408,10 +480,12 @@ def classify(records: DataFrame, schema: T.StructType, *rules: tuple[Column, str
     """``records`` with ``reject_reason`` set on those no table can use, and ``record``:
     the line as read (kept for the quarantine only on rejected ones)."""
     raw_fields = F.when(F.col(CORRUPT_RECORD).isNotNull(), F.from_json(F.col(CORRUPT_RECORD), "map<string,string>"))
-    return (records.withColumn("_raw_fields", raw_fields)
-            .withColumn("reject_reason", F.when(F.col("is_record"), reject_reason(schema, *rules)))
-            .withColumn("record", F.when(F.col("reject_reason").isNotNull(), F.col("line")))
-            .drop("_raw_fields", CORRUPT_RECORD, "line", "error"))
+    return (
+        records.withColumn("_raw_fields", raw_fields)
+        .withColumn("reject_reason", F.when(F.col("is_record"), reject_reason(schema, *rules)))
+        .withColumn("record", F.when(F.col("reject_reason").isNotNull(), F.col("line")))
+        .drop("_raw_fields", CORRUPT_RECORD, "line", "error")
+    )
 
 
 def blank(column: str) -> Column:
@@ -431,11 +505,14 @@ def folder_name_bytes(column: str) -> Column:
 def classify_song_records(records: DataFrame) -> DataFrame:
     """Song records with ``reject_reason`` set on those no table can use."""
     return classify(
-        records, SONG_SCHEMA,
+        records,
+        SONG_SCHEMA,
         (blank("song_id"), "missing song_id"),
         (blank("artist_id"), "missing artist_id"),
-        (folder_name_bytes("artist_id") > MAX_NAME_BYTES,
-         f"artist_id is too long for a folder name (over {MAX_NAME_BYTES} bytes as artist_id=...)"),
+        (
+            folder_name_bytes("artist_id") > MAX_NAME_BYTES,
+            f"artist_id is too long for a folder name (over {MAX_NAME_BYTES} bytes as artist_id=...)",
+        ),
     )
 
 
@@ -445,7 +522,8 @@ def classify_log_events(events: DataFrame) -> DataFrame:
     logged_in = F.col("userId") != ""
     user_number = F.expr("try_cast(userId AS BIGINT)")
     classified = classify(
-        events, LOG_SCHEMA,
+        events,
+        LOG_SCHEMA,
         (F.col("ts").isNull(), "missing ts"),
         (~F.col("ts").between(MIN_TS_MS, MAX_TS_MS), "ts is outside the range of a timestamp (years 1 to 9999)"),
         (F.col("page").isNull(), "missing page"),
@@ -453,8 +531,10 @@ def classify_log_events(events: DataFrame) -> DataFrame:
         (logged_in & ~F.col("userId").rlike(r"^[0-9]+$"), "userId is not a number"),
         (logged_in & (user_number.isNull() | (user_number > 2**31 - 1)), "userId is too large for a 32-bit user_id"),
         ((F.col("page") == "NextSong") & ~logged_in, "NextSong event without a userId"),
-        ((F.col("page") == "NextSong") & (F.col("sessionId").isNull() | F.col("itemInSession").isNull()),
-         "NextSong event without sessionId or itemInSession"),
+        (
+            (F.col("page") == "NextSong") & (F.col("sessionId").isNull() | F.col("itemInSession").isNull()),
+            "NextSong event without sessionId or itemInSession",
+        ),
     )
     user_id = F.when(F.col("reject_reason").isNull() & logged_in, user_number.cast("int"))
     return classified.withColumn("user_id", user_id)
@@ -467,12 +547,14 @@ def quarantine_records(classified: DataFrame) -> DataFrame:
 
 def accepted_records(classified: DataFrame) -> DataFrame:
     """The usable records, without the classification columns."""
-    return (classified.where(F.col("is_record") & F.col("reject_reason").isNull())
-            .drop("reject_reason", "record", "first", "is_record"))
+    return classified.where(F.col("is_record") & F.col("reject_reason").isNull()).drop(
+        "reject_reason", "record", "first", "is_record"
+    )
 
 
-def one_record_per_key(frame: DataFrame, key: Sequence[str], order: Sequence[str],
-                       columns: Sequence[str], highest: bool = False) -> DataFrame:
+def one_record_per_key(
+    frame: DataFrame, key: Sequence[str], order: Sequence[str], columns: Sequence[str], highest: bool = False
+) -> DataFrame:
     """One row per ``key``: the ``columns`` of the record whose (``order``, ``columns``) sorts
     first (or last). Picking a whole struct keeps every column from one source record, and
     the full ordering makes the pick the same on every run."""
@@ -484,7 +566,9 @@ def one_record_per_key(frame: DataFrame, key: Sequence[str], order: Sequence[str
 def songs_table(songs: DataFrame) -> DataFrame:
     """One row per song_id; a song_id seen twice keeps its smallest record."""
     return one_record_per_key(songs, ["song_id"], [], ["title", "artist_id", "year", "duration"]).select(
-        "song_id", "title", "artist_id",
+        "song_id",
+        "title",
+        "artist_id",
         F.col("year").cast("int").alias("year"),
         F.col("duration").cast("double").alias("duration"),
     )
@@ -493,13 +577,20 @@ def songs_table(songs: DataFrame) -> DataFrame:
 def artists_table(songs: DataFrame) -> DataFrame:
     """One row per artist_id, every column from one song record: the most complete, then
     the one with the smallest song_id, so spellings are never mixed and reruns agree."""
+
     def unknown(column: str) -> Column:
         return F.when(F.col(column).isNull() | (F.col(column).cast("string") == ""), 1).otherwise(0)
 
-    ranked = songs.withColumn("unknown_fields", unknown("artist_name") + unknown("artist_location")
-                              + unknown("artist_latitude") + unknown("artist_longitude"))
-    picked = one_record_per_key(ranked, ["artist_id"], ["unknown_fields", "song_id"],
-                                ["artist_name", "artist_location", "artist_latitude", "artist_longitude"])
+    ranked = songs.withColumn(
+        "unknown_fields",
+        unknown("artist_name") + unknown("artist_location") + unknown("artist_latitude") + unknown("artist_longitude"),
+    )
+    picked = one_record_per_key(
+        ranked,
+        ["artist_id"],
+        ["unknown_fields", "song_id"],
+        ["artist_name", "artist_location", "artist_latitude", "artist_longitude"],
+    )
     return picked.select(
         "artist_id",
         F.col("artist_name").alias("name"),
@@ -520,14 +611,20 @@ USER_EVENT_COLUMNS = ("ts", "sessionId", "itemInSession", "firstName", "lastName
 
 def latest_user_events(events: DataFrame) -> DataFrame:
     """Each logged-in user's latest event: its identity and the user's fields then."""
-    return one_record_per_key(events.where(F.col("user_id").isNotNull()), ["user_id"], [], USER_EVENT_COLUMNS,
-                              highest=True)
+    return one_record_per_key(
+        events.where(F.col("user_id").isNotNull()), ["user_id"], [], USER_EVENT_COLUMNS, highest=True
+    )
 
 
 def merge_latest_user_events(previous: DataFrame, latest: DataFrame) -> DataFrame:
     """Latest events from earlier runs and this one: the later event wins, whichever run saw it."""
-    return one_record_per_key(previous.select(*USER_STATE.schema.fieldNames()).unionByName(latest), ["user_id"], [],
-                              USER_EVENT_COLUMNS, highest=True)
+    return one_record_per_key(
+        previous.select(*USER_STATE.schema.fieldNames()).unionByName(latest),
+        ["user_id"],
+        [],
+        USER_EVENT_COLUMNS,
+        highest=True,
+    )
 
 
 def users_table(latest: DataFrame) -> DataFrame:
@@ -552,7 +649,8 @@ def next_song_plays(events: DataFrame) -> DataFrame:
         "user_id",
         F.col("sessionId").alias("session_id"),
         F.col("itemInSession").alias("item_in_session"),
-        "ts", *PLAY_COLUMNS,
+        "ts",
+        *PLAY_COLUMNS,
     )
 
 
@@ -647,36 +745,35 @@ def songplays_table(plays: DataFrame, matches: DataFrame) -> DataFrame:
         on=[plays.song == matches.title, plays.artist == matches.artist_name, plays.length == matches.duration],
         how="left",
     )
-    return (
-        matched
-        .withColumn("start_time", F.timestamp_millis(F.col("ts")))
-        .select(
-            songplay_id(F.col("user_id"), F.col("session_id"), F.col("item_in_session"), F.col("ts"))
-            .alias("songplay_id"),
-            "start_time",
-            F.col("user_id").cast("int").alias("user_id"),
-            "level",
-            "song_id",
-            "artist_id",
-            F.col("session_id").cast("long").alias("session_id"),
-            "location",
-            F.col("userAgent").alias("user_agent"),
-            calendar["year"].alias("year"),
-            calendar["month"].alias("month"),
-        )
+    return matched.withColumn("start_time", F.timestamp_millis(F.col("ts"))).select(
+        songplay_id(F.col("user_id"), F.col("session_id"), F.col("item_in_session"), F.col("ts")).alias("songplay_id"),
+        "start_time",
+        F.col("user_id").cast("int").alias("user_id"),
+        "level",
+        "song_id",
+        "artist_id",
+        F.col("session_id").cast("long").alias("session_id"),
+        "location",
+        F.col("userAgent").alias("user_agent"),
+        calendar["year"].alias("year"),
+        calendar["month"].alias("month"),
     )
 
 
 def time_table(songplays: DataFrame) -> DataFrame:
     """One row per distinct songplays start_time, with its UTC calendar parts."""
     calendar = utc_calendar(F.col("start_time"))
-    return songplays.select("start_time").distinct().select(
-        "start_time", *(calendar[part].alias(part) for part in TIME.schema.fieldNames()[1:]))
+    return (
+        songplays.select("start_time")
+        .distinct()
+        .select("start_time", *(calendar[part].alias(part) for part in TIME.schema.fieldNames()[1:]))
+    )
 
 
 # =============================================================================
 # Checks: the quality gate every table passes before any is published
 # =============================================================================
+
 
 @dataclass
 class CheckResult:
@@ -693,29 +790,52 @@ def key_checks(name: str, table: DataFrame, key: str) -> tuple[int, list[CheckRe
     # is cheaper than counting long strings. Only when two hashes agree (a repeated key,
     # or a collision) are the keys themselves counted.
     key_hash = F.when(F.col(key).isNotNull(), F.xxhash64(key))
-    counts = table.agg(F.count(F.lit(1)).alias("rows"), F.count(key).alias("keyed"),
-                       F.count_distinct(key_hash).alias("hashes")).first()
+    counts = table.agg(
+        F.count(F.lit(1)).alias("rows"), F.count(key).alias("keyed"), F.count_distinct(key_hash).alias("hashes")
+    ).first()
     distinct = counts["hashes"]
     if distinct != counts["keyed"]:
         distinct = table.agg(F.count_distinct(key)).first()[0]
     missing, repeated = counts["rows"] - counts["keyed"], counts["keyed"] - distinct
-    examples = [] if not repeated else [
-        str(row[key]) for row in table.where(F.col(key).isNotNull()).groupBy(key).count()
-        .where("count > 1").orderBy(key).limit(3).collect()]
+    examples = (
+        []
+        if not repeated
+        else [
+            str(row[key])
+            for row in table.where(F.col(key).isNotNull())
+            .groupBy(key)
+            .count()
+            .where("count > 1")
+            .orderBy(key)
+            .limit(3)
+            .collect()
+        ]
+    )
     return counts["rows"], [
-        CheckResult(name, f"{key} is never null", missing == 0, f"{missing:,} of {counts['rows']:,} rows have no {key}"),
+        CheckResult(
+            name, f"{key} is never null", missing == 0, f"{missing:,} of {counts['rows']:,} rows have no {key}"
+        ),
         CheckResult(name, f"{key} is unique", repeated == 0, f"{repeated:,} rows repeat a {key}", examples),
     ]
 
 
 def reference_check(name: str, table: DataFrame, column: str, parent_name: str, parent: DataFrame) -> CheckResult:
     """Every non-null ``column`` value of ``table`` is a key of ``parent``."""
-    orphans = (table.where(F.col(column).isNotNull()).select(column).distinct()
-               .join(parent.select(column), column, "left_anti"))
+    orphans = (
+        table.where(F.col(column).isNotNull())
+        .select(column)
+        .distinct()
+        .join(parent.select(column), column, "left_anti")
+    )
     examples = [str(row[column]) for row in orphans.orderBy(column).limit(3).collect()]
     missing = orphans.count() if examples else 0
-    return CheckResult(name, f"{column} references {parent_name}", not examples,
-                       f"{missing:,} {column} values missing from {parent_name}", examples)
+    return CheckResult(
+        name,
+        f"{column} references {parent_name}",
+        not examples,
+        f"{missing:,} {column} values missing from {parent_name}",
+        examples,
+    )
 
 
 def count_check(name: str, check: str, actual: int, expected: int, unit: str) -> CheckResult:
@@ -732,8 +852,9 @@ def distinct_event_count(plays: DataFrame, repeated: DataFrame) -> int:
 REFERENCES = (("user_id", "users"), ("start_time", "time"), ("song_id", "songs"), ("artist_id", "artists"))
 
 
-def quality_gate(tables: dict[str, DataFrame], fresh_songplays: DataFrame, distinct_events: int,
-                 batches: Sequence[SourceBatch]) -> tuple[list[CheckResult], dict[str, int]]:
+def quality_gate(
+    tables: dict[str, DataFrame], fresh_songplays: DataFrame, distinct_events: int, batches: Sequence[SourceBatch]
+) -> tuple[list[CheckResult], dict[str, int]]:
     """Keys, references and reconciliation, on the tables exactly as they will be written;
     also each table's row count.
 
@@ -744,8 +865,11 @@ def quality_gate(tables: dict[str, DataFrame], fresh_songplays: DataFrame, disti
     """
     with ThreadPoolExecutor(max_workers=4) as pool:
         keyed = {name: pool.submit(key_checks, name, table, spec_of(name).key) for name, table in tables.items()}
-        references = [pool.submit(reference_check, "songplays", tables["songplays"], column, parent, tables[parent])
-                      for column, parent in REFERENCES if "songplays" in tables]
+        references = [
+            pool.submit(reference_check, "songplays", tables["songplays"], column, parent, tables[parent])
+            for column, parent in REFERENCES
+            if "songplays" in tables
+        ]
         fresh_count = pool.submit(fresh_songplays.count) if fresh_songplays is not tables.get("songplays") else None
     results, rows = [], {}
     for name, checks in keyed.items():
@@ -755,18 +879,34 @@ def quality_gate(tables: dict[str, DataFrame], fresh_songplays: DataFrame, disti
     fresh_rows = fresh_count.result() if fresh_count is not None else rows["songplays"]
     results.append(count_check("songplays", "one row per distinct NextSong event", fresh_rows, distinct_events, "rows"))
     for batch in batches:
-        results.append(count_check(batch.dataset, "files read = files listed - files skipped", batch.files_parsed,
-                                   len(batch.inventory.read), "files"))
-        results.append(count_check(batch.dataset, "records read = accepted + quarantined",
-                                   batch.accepted + batch.quarantined, batch.records, "accepted + quarantined"))
+        results.append(
+            count_check(
+                batch.dataset,
+                "files read = files listed - files skipped",
+                batch.files_parsed,
+                len(batch.inventory.read),
+                "files",
+            )
+        )
+        results.append(
+            count_check(
+                batch.dataset,
+                "records read = accepted + quarantined",
+                batch.accepted + batch.quarantined,
+                batch.records,
+                "accepted + quarantined",
+            )
+        )
     return results, rows
 
 
 def enforce_quality_gate(results: Sequence[CheckResult]) -> None:
     failed = [result for result in results if not result.passed]
     if failed:
-        lines = [f"  - {r.table}: {r.check} failed: {r.detail}" + (f" (e.g. {', '.join(r.examples)})" if r.examples else "")
-                 for r in failed]
+        lines = [
+            f"  - {r.table}: {r.check} failed: {r.detail}" + (f" (e.g. {', '.join(r.examples)})" if r.examples else "")
+            for r in failed
+        ]
         raise EtlError("The quality gate failed, so no table was published:\n" + "\n".join(lines))
 
 
@@ -778,12 +918,14 @@ def enforce_reject_limit(batch: SourceBatch, limit: float, quarantine: str) -> N
             f"{batch.quarantined:,} of {batch.records:,} {batch.dataset} records "
             f"({batch.quarantined / batch.records:.1%}) were quarantined, more than the {limit:.1%} allowed "
             f"(--max-reject-rate or [ETL] MAX_REJECT_RATE), so no table was published. The records, "
-            f"with their files and reasons, are in {quarantine} ({reasons}).")
+            f"with their files and reasons, are in {quarantine} ({reasons})."
+        )
 
 
 # =============================================================================
 # Load: stage, check, publish
 # =============================================================================
+
 
 def spec_of(name: str) -> TableSpec:
     return next(spec for spec in (*STAR_SCHEMA, USER_STATE) if spec.name == name)
@@ -802,22 +944,20 @@ def arranged_for_writing(frame: DataFrame, spec: TableSpec) -> DataFrame:
     """Rows grouped so each partition folder gets one file, sorted within it."""
     if spec.partition_by:
         # Every row of a partition folder goes to the same task, so each folder gets one
-        # file; a fixed task count keeps adaptive execution from merging the writes onto
-        # one core, and several tasks per core keep the tasks short.
-        tasks = frame.sparkSession.sparkContext.defaultParallelism * 4
-        frame = frame.repartition(tasks, *spec.partition_by)
+        # file; a task per core keeps adaptive execution from merging the writes onto one.
+        frame = frame.repartition(frame.sparkSession.sparkContext.defaultParallelism, *spec.partition_by)
     else:
         frame = frame.repartition(1)
     return frame.sortWithinPartitions(*spec.partition_by, *spec.sort_by)
 
 
 def partition_folder(spec: TableSpec, partition: tuple[int, int]) -> str:
-    return "/".join(f"{column}={value}" for column, value in zip(spec.partition_by, partition))
+    return "/".join(f"{column}={value}" for column, value in zip(spec.partition_by, partition, strict=True))
 
 
 def partition_rows(frame: DataFrame, spec: TableSpec, partition: tuple[int, int]) -> DataFrame:
     condition = F.lit(True)
-    for column, value in zip(spec.partition_by, partition):
+    for column, value in zip(spec.partition_by, partition, strict=True):
         condition = condition & (F.col(column) == value)
     return frame.where(condition).drop(*spec.partition_by)
 
@@ -831,8 +971,13 @@ def save(writer, lake: Lake, relative: str, data_format: str) -> None:
     uri = lake.spark_uri(relative)
     with activity(f"writing {lake.display(relative)}"):
         if lake.replaces_on_commit:
-            (writer.mode("append").option("fs.s3a.committer.name", "directory")
-             .option("fs.s3a.committer.staging.conflict-mode", "replace").format(data_format).save(uri))
+            (
+                writer.mode("append")
+                .option("fs.s3a.committer.name", "directory")
+                .option("fs.s3a.committer.staging.conflict-mode", "replace")
+                .format(data_format)
+                .save(uri)
+            )
         else:
             writer.mode("overwrite").format(data_format).save(uri)
 
@@ -871,16 +1016,23 @@ class ParquetTables:
             for partition, count in counts.items():
                 folder = f"{spec.name}/{partition_folder(spec, partition)}"
                 if count:
-                    self._replace(partition_rows(write.frame, spec, partition), replace(spec, partition_by=()),
-                                  folder, count, partition=True)
+                    self._replace(
+                        partition_rows(write.frame, spec, partition),
+                        replace(spec, partition_by=()),
+                        folder,
+                        count,
+                        partition=True,
+                    )
                 else:  # the window left no row in this month: the folder goes
                     self._retire(folder)
             # A table written while empty holds one schema-only file at its top; next to
             # partition folders it would give readers two layouts.
             for top_file in self.lake.data_files_at(spec.name):
                 self._retire(f"{spec.name}/{top_file}")
-            facts = {"written": f"{len(counts)} partition{'' if len(counts) == 1 else 's'}",
-                     "partitions": [partition_folder(spec, partition) for partition in counts]}
+            facts = {
+                "written": f"{len(counts)} partition{'' if len(counts) == 1 else 's'}",
+                "partitions": [partition_folder(spec, partition) for partition in counts],
+            }
         if not self.lake.renames:
             with self.journal_lock:
                 self.committed.append(spec.name)
@@ -936,8 +1088,9 @@ def write_quarantine(rejected: DataFrame, dataset: str, lake: Lake, run_id: str)
     lake.remove(previous)
 
 
-def committed_table(spark: SparkSession, lake: Lake, spec: TableSpec, table_format: str,
-                    partitions: Column | None = None) -> DataFrame | None:
+def committed_table(
+    spark: SparkSession, lake: Lake, spec: TableSpec, table_format: str, partitions: Column | None = None
+) -> DataFrame | None:
     """A table the lake holds, or None when it has none; only the partitions that
     ``partitions`` selects when given. The rows are read once here, so the table can be
     written over afterwards."""
@@ -962,6 +1115,7 @@ def committed_table(spark: SparkSession, lake: Lake, spec: TableSpec, table_form
 # Run: the stages of one load, timed into its report
 # =============================================================================
 
+
 @dataclass
 class SourceBatch:
     """One input dataset, read once and classified: what is usable, what is not, how much."""
@@ -980,32 +1134,58 @@ class SourceBatch:
         return sum(self.rejects.values())
 
     def facts(self) -> dict[str, object]:
-        return {**self.inventory.facts(), "records": self.records, "accepted": self.accepted,
-                "quarantined": self.quarantined, "rejects": self.rejects}
+        return {
+            **self.inventory.facts(),
+            "records": self.records,
+            "accepted": self.accepted,
+            "quarantined": self.quarantined,
+            "rejects": self.rejects,
+        }
 
 
-def load_and_classify(spark: SparkSession, inventory: Inventory, access: S3Access | None,
-                      classify_records: Callable[[DataFrame], DataFrame]) -> SourceBatch:
+def load_and_classify(
+    spark: SparkSession,
+    inventory: Inventory,
+    access: S3Access | None,
+    classify_records: Callable[[DataFrame], DataFrame],
+) -> SourceBatch:
     """Read a dataset's files once and split the records into accepted and rejected, counted.
 
     Only what later steps read is cached: rejected records carry their text, so the
     fields no table uses are left out.
     """
     lines = read_lines(spark, inventory.read, access)
-    classified = (classify_records(parse_records(lines, DATASETS[inventory.dataset]))
-                  .drop(*UNUSED_FIELDS[inventory.dataset]).persist())
+    classified = (
+        classify_records(parse_records(lines, DATASETS[inventory.dataset]))
+        .drop(*UNUSED_FIELDS[inventory.dataset])
+        .persist()
+    )
     # One pass fills the cache and counts the outcome of every record and every file.
-    outcome = classified.groupBy("reject_reason").agg(
-        F.count(F.when(F.col("is_record"), 1)).alias("records"), F.count(F.when(F.col("first"), 1)).alias("files")
-    ).collect()
+    outcome = (
+        classified.groupBy("reject_reason")
+        .agg(F.count(F.when(F.col("is_record"), 1)).alias("records"), F.count(F.when(F.col("first"), 1)).alias("files"))
+        .collect()
+    )
     rejects = {row["reject_reason"]: row["records"] for row in outcome if row["reject_reason"] is not None}
     accepted = sum(row["records"] for row in outcome if row["reject_reason"] is None)
     files = sum(row["files"] for row in outcome)
-    log.info("read %s: %d files, %d records accepted, %d quarantined", inventory.dataset, files, accepted,
-             sum(rejects.values()))
-    return SourceBatch(inventory.dataset, inventory, accepted_records(classified), quarantine_records(classified),
-                       files_parsed=files, records=accepted + sum(rejects.values()), accepted=accepted,
-                       rejects=rejects)
+    log.info(
+        "read %s: %d files, %d records accepted, %d quarantined",
+        inventory.dataset,
+        files,
+        accepted,
+        sum(rejects.values()),
+    )
+    return SourceBatch(
+        inventory.dataset,
+        inventory,
+        accepted_records(classified),
+        quarantine_records(classified),
+        files_parsed=files,
+        records=accepted + sum(rejects.values()),
+        accepted=accepted,
+        rejects=rejects,
+    )
 
 
 @dataclass
@@ -1024,8 +1204,10 @@ class Run:
             access = self.settings.s3() if is_s3(self.settings.input_root) else None
             batch = load_and_classify(self.spark, self.inventories[dataset], access, classify_records)
         if not batch.accepted:
-            raise EtlError(f"No usable records in {batch.inventory.folder} ({batch.quarantined:,} quarantined, see "
-                           f"{self.lake.display('_quarantine/' + dataset)}). Check that the input is the Sparkify dataset.")
+            raise EtlError(
+                f"No usable records in {batch.inventory.folder} ({batch.quarantined:,} quarantined, see "
+                f"{self.lake.display('_quarantine/' + dataset)}). Check that the input is the Sparkify dataset."
+            )
         write_quarantine(batch.rejected_records, dataset, self.lake, self.report.run_id)
         self.report.inputs[dataset] = batch.facts()
         enforce_reject_limit(batch, self.settings.max_reject_rate, self.lake.display(f"_quarantine/{dataset}"))
@@ -1074,25 +1256,36 @@ def process_log_data(run: Run, song_tables: SongTables) -> LogTables:
     if settings.incremental():
         previous_state = committed_table(spark, lake, USER_STATE, settings.format)
         if previous_state is None and lake.exists(USERS.name):
-            raise EtlError(f"{lake.display(USERS.name)} exists but {lake.display(USER_STATE.name)} does not, so users "
-                           "cannot be merged. Run a full load (without --since/--until) once first.")
+            raise EtlError(
+                f"{lake.display(USERS.name)} exists but {lake.display(USER_STATE.name)} does not, so users "
+                "cannot be merged. Run a full load (without --since/--until) once first."
+            )
         if previous_state is not None:
             latest = merge_latest_user_events(previous_state, latest)
         if distinct_events == 0:
             # Nothing was played in the window: songplays and time stay as they are.
-            run.report.warnings.append("no NextSong events in the load window: songplays and time were left as they are")
+            run.report.warnings.append(
+                "no NextSong events in the load window: songplays and time were left as they are"
+            )
             songplays = None
         else:
-            existing = committed_table(spark, lake, SONGPLAYS, settings.format,
-                                       months_of_window(settings.since, settings.until))
-            touched = tuple(sorted((row.year, row.month) for row in
-                                   months_touched(existing, fresh, settings.since, settings.until).collect()))
+            existing = committed_table(
+                spark, lake, SONGPLAYS, settings.format, months_of_window(settings.since, settings.until)
+            )
+            touched = tuple(
+                sorted(
+                    (row.year, row.month)
+                    for row in months_touched(existing, fresh, settings.since, settings.until).collect()
+                )
+            )
             if existing is not None:
                 songplays = replace_window(existing, fresh, settings.since, settings.until)
     latest = latest.persist()
     songplays = songplays.persist() if songplays is not None else None
     time_rows = time_table(songplays).persist() if songplays is not None else None
-    return LogTables(batch, distinct_events, users_table(latest).persist(), latest, fresh, songplays, time_rows, touched)
+    return LogTables(
+        batch, distinct_events, users_table(latest).persist(), latest, fresh, songplays, time_rows, touched
+    )
 
 
 def months_of_window(since: date | None, until: date | None) -> Column:
@@ -1119,8 +1312,7 @@ def load(run: Run, writes: Sequence[Write], rows: dict[str, int]) -> dict[str, d
         tables = ParquetTables(run.spark, run.lake, run.report.run_id)
     try:
         with ThreadPoolExecutor(max_workers=len(writes)) as pool:
-            done = {write.spec.name: pool.submit(tables.write, write, rows.get(write.spec.name, 1))
-                    for write in writes}
+            done = {write.spec.name: pool.submit(tables.write, write, rows.get(write.spec.name, 1)) for write in writes}
         written = {name: future.result() for name, future in done.items()}
         with activity("publishing the tables"):
             tables.publish(run.report)
@@ -1138,12 +1330,21 @@ def run_load(run: Run) -> None:
     tables = {"songs": song_tables.songs, "artists": song_tables.artists, "users": log_tables.users}
     if log_tables.songplays is not None:
         tables.update(songplays=log_tables.songplays, time=log_tables.time)
-    results, rows = report.timed("quality_gate", quality_gate, tables, log_tables.fresh_songplays,
-                                 log_tables.distinct_events, [song_tables.batch, log_tables.batch])
+    results, rows = report.timed(
+        "quality_gate",
+        quality_gate,
+        tables,
+        log_tables.fresh_songplays,
+        log_tables.distinct_events,
+        [song_tables.batch, log_tables.batch],
+    )
     report.checks = [asdict(result) for result in results]
     enforce_quality_gate(results)
-    writes = [Write(spec, tables[spec.name], log_tables.touched if spec.partition_by == ("year", "month") else None)
-              for spec in STAR_SCHEMA if spec.name in tables]
+    writes = [
+        Write(spec, tables[spec.name], log_tables.touched if spec.partition_by == ("year", "month") else None)
+        for spec in STAR_SCHEMA
+        if spec.name in tables
+    ]
     writes.append(Write(USER_STATE, log_tables.user_state))
     report.tables = report.timed("load", load, run, writes, rows)
 
@@ -1158,17 +1359,25 @@ DELTA_TABLES = (*STAR_SCHEMA, USER_STATE)
 def delta_package(spark_version: str) -> str:
     """The delta-spark artifact for a Spark line; an error naming the supported lines."""
     line = ".".join(spark_version.split(".")[:2])
-    packages = {"3.5": "io.delta:delta-spark_2.12:3.3.2", "4.0": "io.delta:delta-spark_4.0_2.13:4.4.0",
-                "4.1": "io.delta:delta-spark_4.1_2.13:4.4.0", "4.2": "io.delta:delta-spark_4.2_2.13:4.4.0"}
+    packages = {
+        "3.5": "io.delta:delta-spark_2.12:3.3.2",
+        "4.0": "io.delta:delta-spark_4.0_2.13:4.4.0",
+        "4.1": "io.delta:delta-spark_4.1_2.13:4.4.0",
+        "4.2": "io.delta:delta-spark_4.2_2.13:4.4.0",
+    }
     if line not in packages:
-        raise EtlError(f"--format delta needs Delta Lake for Spark {line}, and none is published: Delta Lake "
-                       f"supports Spark {', '.join(packages)}. Install one of those pyspark lines "
-                       f"(pip install 'pyspark=={sorted(packages)[-1]}.*'), or write parquet (--format parquet).")
+        raise EtlError(
+            f"--format delta needs Delta Lake for Spark {line}, and none is published: Delta Lake "
+            f"supports Spark {', '.join(packages)}. Install one of those pyspark lines "
+            f"(pip install 'pyspark=={sorted(packages)[-1]}.*'), or write parquet (--format parquet)."
+        )
     return packages[line]
 
 
-DELTA_SESSION = {"spark.sql.extensions": "io.delta.sql.DeltaSparkSessionExtension",
-                 "spark.sql.catalog.spark_catalog": "org.apache.spark.sql.delta.catalog.DeltaCatalog"}
+DELTA_SESSION = {
+    "spark.sql.extensions": "io.delta.sql.DeltaSparkSessionExtension",
+    "spark.sql.catalog.spark_catalog": "org.apache.spark.sql.delta.catalog.DeltaCatalog",
+}
 
 
 def configure_delta(spark: SparkSession, retain_days: int) -> None:
@@ -1186,8 +1395,10 @@ def configure_delta(spark: SparkSession, retain_days: int) -> None:
 
 def retention_properties(retain_days: int) -> dict[str, str]:
     """Files no longer needed stay ``retain_days`` days; the log at least as long (30 by default)."""
-    return {"delta.deletedFileRetentionDuration": f"interval {retain_days} days",
-            "delta.logRetentionDuration": f"interval {max(retain_days, 30)} days"}
+    return {
+        "delta.deletedFileRetentionDuration": f"interval {retain_days} days",
+        "delta.logRetentionDuration": f"interval {max(retain_days, 30)} days",
+    }
 
 
 def delta_path(lake: Lake, name: str) -> str:
@@ -1231,19 +1442,28 @@ class DeltaTables:
 
     def write(self, write: Write, rows: int) -> dict[str, object]:
         spec = write.spec
-        writer = (arranged_for_writing(write.frame, spec).write.format("delta")
-                  .option("userMetadata", f"sparkify-etl run {self.report.run_id}"))
+        writer = (
+            arranged_for_writing(write.frame, spec)
+            .write.format("delta")
+            .option("userMetadata", f"sparkify-etl run {self.report.run_id}")
+        )
         if spec.partition_by:
             writer = writer.partitionBy(*spec.partition_by)
         facts: dict[str, object] = {"written": "whole table"}
         if write.partitions is not None:
             months = " OR ".join(f"(year = {year} AND month = {month})" for year, month in write.partitions)
             # Only the months replaced: a row outside them would break the commit's condition.
-            writer = (arranged_for_writing(write.frame.where(months or "false"), spec).write.format("delta")
-                      .option("userMetadata", f"sparkify-etl run {self.report.run_id}").partitionBy(*spec.partition_by)
-                      .option("replaceWhere", months or "false"))
-            facts = {"written": f"{len(write.partitions)} partition{'' if len(write.partitions) == 1 else 's'}",
-                     "partitions": [partition_folder(spec, partition) for partition in write.partitions]}
+            writer = (
+                arranged_for_writing(write.frame.where(months or "false"), spec)
+                .write.format("delta")
+                .option("userMetadata", f"sparkify-etl run {self.report.run_id}")
+                .partitionBy(*spec.partition_by)
+                .option("replaceWhere", months or "false")
+            )
+            facts = {
+                "written": f"{len(write.partitions)} partition{'' if len(write.partitions) == 1 else 's'}",
+                "partitions": [partition_folder(spec, partition) for partition in write.partitions],
+            }
         else:
             writer = writer.option("overwriteSchema", "true")
         with activity(f"writing {self.lake.display(spec.name)}"):
@@ -1290,7 +1510,7 @@ def vacuum_delta(spark: SparkSession, lake: Lake, report: RunReport) -> None:
         with activity(f"cleaning up {lake.display(name)}"):
             try:  # from the log alone, without listing the table's files ...
                 spark.sql(f"VACUUM {delta_path(lake, name)} LITE").collect()
-            except Exception as error:  # noqa: BLE001 - ... unless the log no longer reaches back far enough
+            except Exception as error:  # ... unless the log no longer reaches back far enough
                 if "LITE" not in f"{error} {root_cause(error)}":
                     raise
                 spark.sql(f"VACUUM {delta_path(lake, name)}").collect()
@@ -1316,16 +1536,22 @@ def rollback(spark: SparkSession, lake: Lake, report: RunReport) -> str:
     the id of the run those versions came from."""
     current = current_state(lake)
     if current is None:
-        raise EtlError(f"{lake.display('_runs')} records no successful Delta load, so there is nothing to roll back to.")
+        raise EtlError(
+            f"{lake.display('_runs')} records no successful Delta load, so there is nothing to roll back to."
+        )
     earlier = next((r for r in lake.reports() if r["run_id"] == current.get("based_on")), None)
     if earlier is None:
-        raise EtlError(f"The tables are at the versions of run {current['run_id']}, which replaced no earlier "
-                       "successful run: there is nothing to roll back to.")
+        raise EtlError(
+            f"The tables are at the versions of run {current['run_id']}, which replaced no earlier "
+            "successful run: there is nothing to roll back to."
+        )
     try:
         restore_delta(spark, lake, earlier["versions"])
     except EtlError as error:
-        raise EtlError(f"{error} Versions older than the retention period ([ETL] RETAIN_DAYS) are cleaned up "
-                       "and cannot be restored.") from None
+        raise EtlError(
+            f"{error} Versions older than the retention period ([ETL] RETAIN_DAYS) are cleaned up "
+            "and cannot be restored."
+        ) from None
     report.versions = {spec.name: delta_version(lake, spec.name) for spec in DELTA_TABLES}
     report.rolled_back_to = earlier["run_id"]
     return earlier["run_id"]
@@ -1334,6 +1560,7 @@ def rollback(spark: SparkSession, lake: Lake, report: RunReport) -> str:
 # =============================================================================
 # Catalog: the tables registered by name in the session's metastore
 # =============================================================================
+
 
 def column_ddl(schema: T.StructType, names: Sequence[str]) -> str:
     kinds = {"string": "STRING", "int": "INT", "bigint": "BIGINT", "double": "DOUBLE", "timestamp": "TIMESTAMP"}
@@ -1346,20 +1573,24 @@ def register_tables(spark: SparkSession, lake: Lake, database: str, table_format
     spark.sql(f"CREATE DATABASE IF NOT EXISTS `{database}`")
     for spec in STAR_SCHEMA:
         qualified, location = f"`{database}`.`{spec.name}`", lake.spark_uri(spec.name)
-        existing = [row for row in spark.sql(f"SHOW TABLES IN `{database}` LIKE '{spec.name}'").collect()]
+        existing = spark.sql(f"SHOW TABLES IN `{database}` LIKE '{spec.name}'").collect()
         if existing:
             kind = spark.sql(f"DESCRIBE TABLE EXTENDED {qualified}").where("col_name = 'Type'").first()
             if kind is not None and kind["data_type"].upper() == "MANAGED":
-                raise EtlError(f"{database}.{spec.name} exists as a managed table, which etl.py will not replace: "
-                               "choose another database with --catalog.")
+                raise EtlError(
+                    f"{database}.{spec.name} exists as a managed table, which etl.py will not replace: "
+                    "choose another database with --catalog."
+                )
             spark.sql(f"DROP TABLE {qualified}")  # external: its files stay
         if table_format == "delta":
             spark.sql(f"CREATE TABLE {qualified} USING DELTA LOCATION '{location}'")
             continue
         data = [name for name in spec.schema.fieldNames() if name not in spec.partition_by]
         partitioned = f" PARTITIONED BY ({', '.join(spec.partition_by)})" if spec.partition_by else ""
-        spark.sql(f"CREATE TABLE {qualified} ({column_ddl(spec.schema, data + list(spec.partition_by))}) "
-                  f"USING PARQUET{partitioned} LOCATION '{location}'")
+        spark.sql(
+            f"CREATE TABLE {qualified} ({column_ddl(spec.schema, data + list(spec.partition_by))}) "
+            f"USING PARQUET{partitioned} LOCATION '{location}'"
+        )
         if spec.partition_by:
             spark.sql(f"MSCK REPAIR TABLE {qualified} SYNC PARTITIONS")
 
@@ -1372,8 +1603,10 @@ def athena_ddl(output_root: str, table_format: str) -> str:
     for spec in STAR_SCHEMA:
         location = f"{root}/{spec.name}/"
         if table_format == "delta":
-            statements.append(f"CREATE EXTERNAL TABLE IF NOT EXISTS {spec.name}\nLOCATION '{location}'\n"
-                              "TBLPROPERTIES ('table_type' = 'DELTA');")
+            statements.append(
+                f"CREATE EXTERNAL TABLE IF NOT EXISTS {spec.name}\nLOCATION '{location}'\n"
+                "TBLPROPERTIES ('table_type' = 'DELTA');"
+            )
             continue
         data = [name for name in spec.schema.fieldNames() if name not in spec.partition_by]
         text = f"CREATE EXTERNAL TABLE IF NOT EXISTS {spec.name} ({column_ddl(spec.schema, data)})"
@@ -1381,10 +1614,12 @@ def athena_ddl(output_root: str, table_format: str) -> str:
             text += f"\nPARTITIONED BY ({column_ddl(spec.schema, spec.partition_by)})"
         text += f"\nSTORED AS PARQUET\nLOCATION '{location}'"
         if spec.partition_by == ("year", "month"):
-            text += ("\nTBLPROPERTIES (\n  'projection.enabled' = 'true',\n"
-                     "  'projection.year.type' = 'integer', 'projection.year.range' = '2000,2099',\n"
-                     "  'projection.month.type' = 'integer', 'projection.month.range' = '1,12',\n"
-                     f"  'storage.location.template' = '{location}year=${{year}}/month=${{month}}/')")
+            text += (
+                "\nTBLPROPERTIES (\n  'projection.enabled' = 'true',\n"
+                "  'projection.year.type' = 'integer', 'projection.year.range' = '2000,2099',\n"
+                "  'projection.month.type' = 'integer', 'projection.month.range' = '1,12',\n"
+                f"  'storage.location.template' = '{location}year=${{year}}/month=${{month}}/')"
+            )
         statements.append(text + ";")
         if spec.name == "songs":
             statements.append("MSCK REPAIR TABLE songs;")
@@ -1449,10 +1684,12 @@ class Settings:
 
     def redacted(self) -> dict[str, object]:
         """The effective settings for the run report: no secret, the key id masked."""
-        shown = {**vars(self),
-                 "access_key_id": "****" + self.access_key_id[-4:] if self.access_key_id else None,
-                 "secret_access_key": "****" if self.secret_access_key else None,
-                 "session_token": "****" if self.session_token else None}
+        shown = {
+            **vars(self),
+            "access_key_id": "****" + self.access_key_id[-4:] if self.access_key_id else None,
+            "secret_access_key": "****" if self.secret_access_key else None,
+            "session_token": "****" if self.session_token else None,
+        }
         return {name: value.isoformat() if isinstance(value, date) else value for name, value in shown.items()}
 
 
@@ -1468,22 +1705,29 @@ def read_config_file(path: Path) -> dict[str, str]:
         with open(path, encoding="utf-8") as handle:
             parser.read_file(handle)
     except OSError as error:
-        raise UsageError(f"Cannot read the config file {path}: {error.strerror}. Pass an existing "
-                       "file with --config, or copy dl.cfg.example to dl.cfg.") from None
+        raise UsageError(
+            f"Cannot read the config file {path}: {error.strerror}. Pass an existing "
+            "file with --config, or copy dl.cfg.example to dl.cfg."
+        ) from None
     except configparser.Error as error:
         reason = str(error).splitlines()[0]
-        raise UsageError(f"The config file {path} is not a valid INI file ({reason}). "
-                       "See dl.cfg.example for its layout.") from None
+        raise UsageError(
+            f"The config file {path} is not a valid INI file ({reason}). See dl.cfg.example for its layout."
+        ) from None
     values = {}
     for section in parser.sections():
         known = CONFIG_KEYS.get(section.upper())
         if known is None:
-            raise UsageError(f"The config file {path} has an unknown section [{section}]; "
-                           f"the known sections are {', '.join(CONFIG_KEYS)} (see dl.cfg.example).")
+            raise UsageError(
+                f"The config file {path} has an unknown section [{section}]; "
+                f"the known sections are {', '.join(CONFIG_KEYS)} (see dl.cfg.example)."
+            )
         for key, value in parser.items(section):
             if key not in known:
-                raise UsageError(f"The config file {path} has an unknown key {key} in [{section}]; "
-                               f"that section takes {', '.join(known)} (see dl.cfg.example).")
+                raise UsageError(
+                    f"The config file {path} has an unknown key {key} in [{section}]; "
+                    f"that section takes {', '.join(known)} (see dl.cfg.example)."
+                )
             if value.strip():
                 values[f"{section.upper()}.{key}"] = value.strip()
     return values
@@ -1506,23 +1750,29 @@ def resolve_settings(args: argparse.Namespace, environ: Mapping[str, str]) -> Se
     else:
         key_id, secret, token = (config.get(f"AWS.{name}") for name in credential_names)
     if bool(key_id) != bool(secret):
-        raise UsageError("AWS credentials are incomplete: AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY "
-                       "must be given together (in dl.cfg [AWS] or the environment), or neither, to "
-                       "use the default AWS credential chain.")
+        raise UsageError(
+            "AWS credentials are incomplete: AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY "
+            "must be given together (in dl.cfg [AWS] or the environment), or neither, to "
+            "use the default AWS credential chain."
+        )
 
     def first(*candidates: str | None) -> str | None:
         return next((value for value in candidates if value), None)
 
     committer = config.get("SPARK.S3A_COMMITTER")
     if committer is not None and committer.lower() not in S3A_COMMITTERS:
-        raise UsageError(f"[SPARK] S3A_COMMITTER = {committer} is not a committer etl.py supports; use "
-                       f"{' or '.join(S3A_COMMITTERS)} (see dl.cfg.example).")
+        raise UsageError(
+            f"[SPARK] S3A_COMMITTER = {committer} is not a committer etl.py supports; use "
+            f"{' or '.join(S3A_COMMITTERS)} (see dl.cfg.example)."
+        )
     table_format = (first(args.format, config.get("ETL.FORMAT")) or "parquet").lower()
     if table_format not in FORMATS:
         raise UsageError(f"[ETL] FORMAT = {table_format} is not a format etl.py writes; use {' or '.join(FORMATS)}.")
     if getattr(args, "rollback", False) and table_format != "delta":
-        raise UsageError("--rollback returns Delta tables to earlier versions; parquet tables keep no history. "
-                         "Add --format delta (and load with it) to have rollbacks.")
+        raise UsageError(
+            "--rollback returns Delta tables to earlier versions; parquet tables keep no history. "
+            "Add --format delta (and load with it) to have rollbacks."
+        )
     since, until = args.since, args.until
     if since and until and since >= until:
         raise UsageError(f"--since {since} is not before --until {until}: the window would hold no day.")
@@ -1537,8 +1787,9 @@ def resolve_settings(args: argparse.Namespace, environ: Mapping[str, str]) -> Se
         secret_access_key=secret,
         session_token=token,
         region=first(environ.get("AWS_REGION"), environ.get("AWS_DEFAULT_REGION"), config.get("AWS.AWS_REGION")),
-        endpoint_url=first(environ.get("AWS_ENDPOINT_URL_S3"), environ.get("AWS_ENDPOINT_URL"),
-                           config.get("AWS.AWS_ENDPOINT_URL_S3")),
+        endpoint_url=first(
+            environ.get("AWS_ENDPOINT_URL_S3"), environ.get("AWS_ENDPOINT_URL"), config.get("AWS.AWS_ENDPOINT_URL_S3")
+        ),
         packages=config.get("SPARK.PACKAGES"),
         s3a_committer=committer.lower() if committer else None,
         max_reject_rate=reject_rate(first(args.max_reject_rate, config.get("ETL.MAX_REJECT_RATE"))),
@@ -1557,8 +1808,10 @@ def reject_rate(text: str | None) -> float:
     except ValueError:
         rate = -1.0
     if not 0.0 <= rate <= 1.0:
-        raise UsageError(f"The reject limit {text!r} is not a fraction between 0 and 1 (0.01 allows 1% of "
-                       "a dataset's records to be quarantined): check --max-reject-rate or [ETL] MAX_REJECT_RATE.")
+        raise UsageError(
+            f"The reject limit {text!r} is not a fraction between 0 and 1 (0.01 allows 1% of "
+            "a dataset's records to be quarantined): check --max-reject-rate or [ETL] MAX_REJECT_RATE."
+        )
     return rate
 
 
@@ -1581,9 +1834,11 @@ def to_root(root: str) -> str:
     if scheme == "file":
         return os.path.abspath(unquote(urlparse(root).path))
     if scheme and len(scheme) > 1:  # not a Windows drive letter
-        raise UsageError(f"Unsupported location {root!r}: use a local folder, a file:// URI or an s3a:// (or s3://) "
-                       "URI. On EMR, write to s3:// (HDFS does not outlive the cluster); elsewhere, copy the data "
-                       "to a local folder or a bucket first.")
+        raise UsageError(
+            f"Unsupported location {root!r}: use a local folder, a file:// URI or an s3a:// (or s3://) "
+            "URI. On EMR, write to s3:// (HDFS does not outlive the cluster); elsewhere, copy the data "
+            "to a local folder or a bucket first."
+        )
     return os.path.abspath(root)
 
 
@@ -1736,8 +1991,10 @@ class LocalLake(Lake):
             probe.write_text("etl.py write probe\n")
             probe.unlink()
         except OSError as error:
-            raise EtlError(f"Cannot write to the output {self.root}: {error.strerror}. Choose a folder you can "
-                           "write to (--output or [ETL] OUTPUT).") from None
+            raise EtlError(
+                f"Cannot write to the output {self.root}: {error.strerror}. Choose a folder you can "
+                "write to (--output or [ETL] OUTPUT)."
+            ) from None
 
 
 class LocalLock:
@@ -1747,7 +2004,7 @@ class LocalLock:
     def __init__(self, path: Path, holder: dict[str, object]):
         self.path, self.holder, self.handle = path, holder, None
 
-    def __enter__(self) -> "LocalLock":
+    def __enter__(self) -> LocalLock:
         import fcntl
 
         self.handle = open(self.path, "a+", encoding="utf-8")
@@ -1771,12 +2028,13 @@ class LocalLock:
 def running_elsewhere(root: object, holder_text: str) -> str:
     try:
         holder = json.loads(holder_text)
-        who = (f"run {holder['run_id']} (process {holder['pid']} on {holder['host']}, started "
-               f"{holder['started_at']})")
+        who = f"run {holder['run_id']} (process {holder['pid']} on {holder['host']}, started {holder['started_at']})"
     except (ValueError, KeyError, TypeError):
         who = "another run"
-    return (f"{who} is loading into {root} right now, and two runs on one output would mix their tables. "
-            "Wait for it to finish and run again; a run that died releases its lock by itself.")
+    return (
+        f"{who} is loading into {root} right now, and two runs on one output would mix their tables. "
+        "Wait for it to finish and run again; a run that died releases its lock by itself."
+    )
 
 
 class S3Lake(Lake):
@@ -1838,11 +2096,13 @@ class S3Lake(Lake):
     def remove(self, relative: str) -> None:
         keys = [{"Key": self.key(relative)}] + [{"Key": item["Key"]} for item in self._keys(relative)]
         for start in range(0, len(keys), 1000):
-            self.client.delete_objects(Bucket=self.bucket, Delete={"Objects": keys[start:start + 1000], "Quiet": True})
+            self.client.delete_objects(
+                Bucket=self.bucket, Delete={"Objects": keys[start : start + 1000], "Quiet": True}
+            )
 
     def names(self, relative: str) -> list[str]:
         prefix = self.key(relative).rstrip("/") + "/" if relative or self.prefix else ""
-        return sorted({item["Key"][len(prefix):].rstrip("/") for item in self._keys(relative, "/")} - {""})
+        return sorted({item["Key"][len(prefix) :].rstrip("/") for item in self._keys(relative, "/")} - {""})
 
     def lock(self, holder: dict[str, object]) -> contextlib.AbstractContextManager:
         return S3Lock(self, holder)
@@ -1885,7 +2145,7 @@ class S3Lock:
         answer = self.lake.client.put_object(Bucket=self.lake.bucket, Key=self.lake.key(LOCK), Body=body, **condition)
         return answer["ETag"]
 
-    def __enter__(self) -> "S3Lock":
+    def __enter__(self) -> S3Lock:
         from botocore.exceptions import ClientError
 
         try:
@@ -1960,26 +2220,35 @@ def recover(lake: Lake, spark_for_delta: Callable[[], SparkSession] | None = Non
     if journal is not None:
         if journal.get("format") == "delta":
             if spark_for_delta is None:
-                raise EtlError(f"{lake.display(JOURNAL)} says Delta run {journal['run_id']} stopped between table "
-                               "commits: rerun with --format delta so its tables can be restored first.")
+                raise EtlError(
+                    f"{lake.display(JOURNAL)} says Delta run {journal['run_id']} stopped between table "
+                    "commits: rerun with --format delta so its tables can be restored first."
+                )
             restored = restore_delta(spark_for_delta(), lake, journal["versions_before"])
-            notes.append(f"run {journal['run_id']} stopped between its table commits; restored "
-                         f"{', '.join(restored) or 'nothing'} to the versions before it")
+            notes.append(
+                f"run {journal['run_id']} stopped between its table commits; restored "
+                f"{', '.join(restored) or 'nothing'} to the versions before it"
+            )
         elif "moves" in journal:
             lake.execute_moves(journal["moves"])
             lake.discard_staging(journal["run_id"])
             notes.append(f"completed the publish of run {journal['run_id']}, which was interrupted")
         else:
-            notes.append(f"run {journal['run_id']} stopped while replacing tables on S3 after committing "
-                         f"{', '.join(journal.get('committed', [])) or 'none'} of them; this run replaces them")
+            notes.append(
+                f"run {journal['run_id']} stopped while replacing tables on S3 after committing "
+                f"{', '.join(journal.get('committed', [])) or 'none'} of them; this run replaces them"
+            )
         lake.remove(JOURNAL)
     for leftover in lake.names("_staging"):
         lake.discard_staging(leftover)
         notes.append(f"removed the staging folder of run {leftover}, which never published")
     for report in lake.reports():
         if report.get("status") == "running":
-            report.update(status="died", finished_at=utc_now(),
-                          error="the run's process ended without closing this report (killed, or the machine stopped)")
+            report.update(
+                status="died",
+                finished_at=utc_now(),
+                error="the run's process ended without closing this report (killed, or the machine stopped)",
+            )
             lake.write_json(f"_runs/{report['run_id']}.json", report)
             notes.append(f"closed the report of run {report['run_id']}, whose process had died")
     return notes
@@ -1988,6 +2257,7 @@ def recover(lake: Lake, spark_for_delta: Callable[[], SparkSession] | None = Non
 # =============================================================================
 # Preflight: before Spark starts, the input is listed and the output is writable
 # =============================================================================
+
 
 def inventory_input(settings: Settings) -> dict[str, Inventory]:
     """Every file of both datasets, each to be read or skipped with a reason."""
@@ -2001,19 +2271,24 @@ def inventory_input(settings: Settings) -> dict[str, Inventory]:
         else:
             folder = Path(settings.input_root) / dataset
             if not folder.is_dir():
-                raise EtlError(f"The input root {settings.input_root} has no {dataset}/ folder. Point --input (or "
-                               "[ETL] INPUT in dl.cfg) at the folder that holds song_data/ and log_data/.")
+                raise EtlError(
+                    f"The input root {settings.input_root} has no {dataset}/ folder. Point --input (or "
+                    "[ETL] INPUT in dl.cfg) at the folder that holds song_data/ and log_data/."
+                )
             inventory = list_local_dataset(Path(settings.input_root), dataset)
         if not any(file.size for file in inventory.read):
-            raise EtlError(f"{inventory.folder} holds no non-empty .json files ({inventory.found} files found, "
-                           f"{len(inventory.skipped)} skipped), so there is nothing to load. Check that --input "
-                           "points at a complete copy of the dataset.")
+            raise EtlError(
+                f"{inventory.folder} holds no non-empty .json files ({inventory.found} files found, "
+                f"{len(inventory.skipped)} skipped), so there is nothing to load. Check that --input "
+                "points at a complete copy of the dataset."
+            )
         inventories[dataset] = inventory
     return inventories
 
 
 def check_roots_apart(settings: Settings) -> None:
     """The input and the output must not contain each other: a load replaces its output."""
+
     def parts(root: str) -> tuple[str, ...]:
         if is_s3(root):
             bucket, key = bucket_and_key(root)
@@ -2023,9 +2298,11 @@ def check_roots_apart(settings: Settings) -> None:
     source, target = parts(settings.input_root), parts(settings.output_root)
     shorter = min(len(source), len(target))
     if source[:shorter] == target[:shorter]:
-        raise EtlError(f"The input {settings.input_root} and the output {settings.output_root} overlap: a load "
-                       "replaces what is under its output, which would then include its own input. Choose an "
-                       "output outside the input folder, and the other way round.")
+        raise EtlError(
+            f"The input {settings.input_root} and the output {settings.output_root} overlap: a load "
+            "replaces what is under its output, which would then include its own input. Choose an "
+            "output outside the input folder, and the other way round."
+        )
 
 
 def explain_s3_error(error: Exception, action: str, access: S3Access | Settings) -> EtlError:
@@ -2034,28 +2311,42 @@ def explain_s3_error(error: Exception, action: str, access: S3Access | Settings)
 
     where = access.endpoint_url or "AWS S3"
     if isinstance(error, NoCredentialsError):
-        return EtlError(f"No AWS credentials were found to {action}. Set AWS_ACCESS_KEY_ID and "
-                        "AWS_SECRET_ACCESS_KEY (or [AWS] in dl.cfg), or run where an instance profile provides them.")
+        return EtlError(
+            f"No AWS credentials were found to {action}. Set AWS_ACCESS_KEY_ID and "
+            "AWS_SECRET_ACCESS_KEY (or [AWS] in dl.cfg), or run where an instance profile provides them."
+        )
     if isinstance(error, EndpointConnectionError) or not isinstance(error, ClientError):
-        return EtlError(f"Cannot reach {where} to {action} ({type(error).__name__}). Check the network "
-                        "and AWS_ENDPOINT_URL_S3 / [AWS] AWS_ENDPOINT_URL_S3.")
+        return EtlError(
+            f"Cannot reach {where} to {action} ({type(error).__name__}). Check the network "
+            "and AWS_ENDPOINT_URL_S3 / [AWS] AWS_ENDPOINT_URL_S3."
+        )
     code = error.response.get("Error", {}).get("Code", "")
     status = error.response.get("ResponseMetadata", {}).get("HTTPStatusCode")
     if code == "InvalidAccessKeyId":
-        return EtlError(f"{where} does not know the AWS access key in use, so it cannot {action}. "
-                        "Check AWS_ACCESS_KEY_ID (environment or dl.cfg [AWS]).")
+        return EtlError(
+            f"{where} does not know the AWS access key in use, so it cannot {action}. "
+            "Check AWS_ACCESS_KEY_ID (environment or dl.cfg [AWS])."
+        )
     if code == "SignatureDoesNotMatch":
-        return EtlError(f"The AWS secret key does not match the access key, so {where} refused to {action}. "
-                        "Check AWS_SECRET_ACCESS_KEY (environment or dl.cfg [AWS]).")
+        return EtlError(
+            f"The AWS secret key does not match the access key, so {where} refused to {action}. "
+            "Check AWS_SECRET_ACCESS_KEY (environment or dl.cfg [AWS])."
+        )
     if code in ("ExpiredToken", "TokenRefreshRequired"):
-        return EtlError(f"The AWS session token has expired, so {where} refused to {action}. "
-                        "Get fresh temporary credentials and set AWS_SESSION_TOKEN again.")
+        return EtlError(
+            f"The AWS session token has expired, so {where} refused to {action}. "
+            "Get fresh temporary credentials and set AWS_SESSION_TOKEN again."
+        )
     if code in ("NoSuchBucket", "404", "NotFound") or status == 404:
-        return EtlError(f"The bucket does not exist: cannot {action}. Check the bucket name in --input/--output "
-                        "(or [ETL] in dl.cfg) and the region.")
+        return EtlError(
+            f"The bucket does not exist: cannot {action}. Check the bucket name in --input/--output "
+            "(or [ETL] in dl.cfg) and the region."
+        )
     if code in ("AccessDenied", "403", "Forbidden") or status == 403:
-        return EtlError(f"Access denied: the AWS credentials in use may not {action}. Grant them s3:ListBucket, "
-                        "s3:GetObject, s3:PutObject and s3:DeleteObject on the buckets, or use other credentials.")
+        return EtlError(
+            f"Access denied: the AWS credentials in use may not {action}. Grant them s3:ListBucket, "
+            "s3:GetObject, s3:PutObject and s3:DeleteObject on the buckets, or use other credentials."
+        )
     return EtlError(f"{where} refused to {action}: {code or status}. Check the bucket, the credentials and the region.")
 
 
@@ -2074,6 +2365,7 @@ def create_bucket(client, bucket: str, access: S3Access) -> None:
 # =============================================================================
 # Spark session: one per run, with the jars and settings the roots need
 # =============================================================================
+
 
 def under_spark_submit() -> bool:
     """True when spark-submit started this driver (and its JVM, with its own settings)."""
@@ -2097,22 +2389,42 @@ def requested_master() -> str | None:
 # or that serve other clouds: left out, they can neither clash with Spark's own versions
 # nor cost downloads.
 SHIPPED_WITH_SPARK = (
-    "com.google.cloud.bigdataoss:gcs-connector", "org.apache.hadoop:hadoop-azure",
-    "org.apache.hadoop:hadoop-azure-datalake", "org.apache.hadoop:hadoop-cloud-storage",
-    "org.apache.hadoop:hadoop-huaweicloud", "org.apache.hadoop:hadoop-aliyun",
-    "org.apache.hadoop:hadoop-openstack", "org.apache.hadoop:hadoop-client-api",
-    "org.apache.hadoop:hadoop-client-runtime", "com.fasterxml.jackson.core:jackson-core",
-    "com.fasterxml.jackson.core:jackson-databind", "com.fasterxml.jackson.core:jackson-annotations",
-    "com.fasterxml.jackson.dataformat:jackson-dataformat-cbor", "org.slf4j:slf4j-api",
-    "commons-codec:commons-codec", "org.apache.httpcomponents:httpclient",
-    "org.apache.httpcomponents:httpcore", "joda-time:joda-time", "org.eclipse.jetty:jetty-util",
-    "org.eclipse.jetty:jetty-util-ajax", "com.squareup.okhttp3:okhttp", "com.squareup.okio:okio",
-    "org.apache.logging.log4j:log4j-api", "org.apache.logging.log4j:log4j-core",
-    "org.apache.logging.log4j:log4j-slf4j2-impl", "org.apache.parquet:parquet-column",
-    "org.apache.parquet:parquet-common", "org.apache.parquet:parquet-encoding",
-    "org.apache.parquet:parquet-format-structures", "org.apache.parquet:parquet-hadoop",
-    "org.apache.parquet:parquet-jackson", "org.xerial.snappy:snappy-java", "com.github.luben:zstd-jni",
-    "org.roaringbitmap:RoaringBitmap", "com.google.code.findbugs:jsr305", "io.airlift:aircompressor",
+    "com.google.cloud.bigdataoss:gcs-connector",
+    "org.apache.hadoop:hadoop-azure",
+    "org.apache.hadoop:hadoop-azure-datalake",
+    "org.apache.hadoop:hadoop-cloud-storage",
+    "org.apache.hadoop:hadoop-huaweicloud",
+    "org.apache.hadoop:hadoop-aliyun",
+    "org.apache.hadoop:hadoop-openstack",
+    "org.apache.hadoop:hadoop-client-api",
+    "org.apache.hadoop:hadoop-client-runtime",
+    "com.fasterxml.jackson.core:jackson-core",
+    "com.fasterxml.jackson.core:jackson-databind",
+    "com.fasterxml.jackson.core:jackson-annotations",
+    "com.fasterxml.jackson.dataformat:jackson-dataformat-cbor",
+    "org.slf4j:slf4j-api",
+    "commons-codec:commons-codec",
+    "org.apache.httpcomponents:httpclient",
+    "org.apache.httpcomponents:httpcore",
+    "joda-time:joda-time",
+    "org.eclipse.jetty:jetty-util",
+    "org.eclipse.jetty:jetty-util-ajax",
+    "com.squareup.okhttp3:okhttp",
+    "com.squareup.okio:okio",
+    "org.apache.logging.log4j:log4j-api",
+    "org.apache.logging.log4j:log4j-core",
+    "org.apache.logging.log4j:log4j-slf4j2-impl",
+    "org.apache.parquet:parquet-column",
+    "org.apache.parquet:parquet-common",
+    "org.apache.parquet:parquet-encoding",
+    "org.apache.parquet:parquet-format-structures",
+    "org.apache.parquet:parquet-hadoop",
+    "org.apache.parquet:parquet-jackson",
+    "org.xerial.snappy:snappy-java",
+    "com.github.luben:zstd-jni",
+    "org.roaringbitmap:RoaringBitmap",
+    "com.google.code.findbugs:jsr305",
+    "io.airlift:aircompressor",
     "org.antlr:antlr4-runtime",
 )
 # spark-hadoop-cloud, Spark's binding to the S3A committers, by Spark line: the newest
@@ -2155,9 +2467,11 @@ def connector_packages(jar_names: Sequence[str], spark_version: str) -> str | No
     hadoop = next((m.group(1) for m in map(re.compile(r"hadoop-client-api-(.+)\.jar").match, jar_names) if m), None)
     scala = next((m.group(1) for m in map(re.compile(r"spark-core_(2\.1\d)-").match, jar_names) if m), None)
     if hadoop is None or scala is None:
-        raise EtlError("Cannot tell which Hadoop this Spark bundles (no hadoop-client-api jar in "
-                       f"{installed_spark_jars()}), so the matching S3A connector is unknown. Set "
-                       "[SPARK] PACKAGES in dl.cfg to org.apache.hadoop:hadoop-aws:<your Hadoop version>.")
+        raise EtlError(
+            "Cannot tell which Hadoop this Spark bundles (no hadoop-client-api jar in "
+            f"{installed_spark_jars()}), so the matching S3A connector is unknown. Set "
+            "[SPARK] PACKAGES in dl.cfg to org.apache.hadoop:hadoop-aws:<your Hadoop version>."
+        )
     line = ".".join(spark_version.split(".")[:2])
     binding = CLOUD_BINDINGS.get(line, CLOUD_BINDINGS[max(CLOUD_BINDINGS, key=lambda v: tuple(map(int, v.split("."))))])
     return f"org.apache.hadoop:hadoop-aws:{hadoop},org.apache.spark:spark-hadoop-cloud_{scala}:{binding}"
@@ -2210,9 +2524,11 @@ def build_spark_session(settings: Settings, verbose: bool) -> SparkSession:
     ``verbose`` (a JVM this process starts writes its own log to a file, not the terminal)."""
     master = requested_master()
     local_jvm = not under_spark_submit() and (master or "local").startswith("local")
-    builder = (SparkSession.builder.appName("sparkify-etl")
-               .config("spark.sql.session.timeZone", "UTC")
-               .config("spark.ui.showConsoleProgress", "false"))
+    builder = (
+        SparkSession.builder.appName("sparkify-etl")
+        .config("spark.sql.session.timeZone", "UTC")
+        .config("spark.ui.showConsoleProgress", "false")
+    )
     if master is None:
         builder = builder.master("local[*]")
     if not under_spark_submit():
@@ -2226,16 +2542,11 @@ def build_spark_session(settings: Settings, verbose: bool) -> SparkSession:
             builder = builder.config(key, value)
     if settings.catalog:
         builder = builder.enableHiveSupport()
-    if local_jvm:
-        for key, value in local_run_settings(settings).items():
-            builder = builder.config(key, value)
     spark = start_session(builder, settings, verbose)
     spark.sparkContext.setLogLevel("INFO" if verbose else "WARN")
     if local_jvm:
         tune_local_session(spark, settings)
-    if not spark.sparkContext.getConf().contains("spark.sql.shuffle.partitions"):
-        # The tables are small: a few shuffle tasks per core, not Spark's 200.
-        spark.conf.set("spark.sql.shuffle.partitions", str(spark.sparkContext.defaultParallelism * 2))
+    size_shuffles(spark)
     return spark
 
 
@@ -2249,7 +2560,8 @@ def start_session(builder: SparkSession.Builder, settings: Settings, verbose: bo
     global SPARK_LOG
     if under_spark_submit() or verbose:
         return builder.getOrCreate()
-    SPARK_LOG = tempfile.NamedTemporaryFile(prefix="sparkify-etl-", suffix=".log", delete=False)
+    # Open for the whole run: the JVM writes to it until the process ends.
+    SPARK_LOG = tempfile.NamedTemporaryFile(prefix="sparkify-etl-", suffix=".log", delete=False)  # noqa: SIM115
     sys.stdout.flush()
     sys.stderr.flush()
     saved = [os.dup(1), os.dup(2)]
@@ -2257,27 +2569,33 @@ def start_session(builder: SparkSession.Builder, settings: Settings, verbose: bo
         for descriptor in (1, 2):  # the JVM inherits these as its stdout and stderr
             os.dup2(SPARK_LOG.fileno(), descriptor)
         return builder.getOrCreate()
-    except Exception:
+    except Exception:  # noqa: BLE001 - whatever stopped the JVM, its own output says why
         raise EtlError(explain_start_failure(Path(SPARK_LOG.name).read_text(errors="replace"), settings)) from None
     finally:
-        for descriptor, copy in zip((1, 2), saved):
+        for descriptor, copy in zip((1, 2), saved, strict=True):
             os.dup2(copy, descriptor)
             os.close(copy)
 
 
 def explain_start_failure(jvm_output: str, settings: Settings) -> str:
     unresolved = re.findall(r"unresolved dependency: ([^\s:]+#[^\s;]+;[^\s:]+)", jvm_output)
-    if unresolved or "UNRESOLVED DEPENDENCIES" in jvm_output or "Host" in jvm_output and "not found" in jvm_output:
+    if unresolved or "UNRESOLVED DEPENDENCIES" in jvm_output or ("Host" in jvm_output and "not found" in jvm_output):
         names = ", ".join(sorted({item.replace("#", ":").replace(";", ":") for item in unresolved})) or "the jars"
-        return (f"Spark could not fetch {names} from Maven Central, so it cannot start (Ivy: "
-                f"{first_line_with(jvm_output, ('not found', 'unresolved', 'Connection', 'timed out'))}). Check the "
-                "network and any proxy (Ivy takes -Dhttps.proxyHost in JAVA_TOOL_OPTIONS); once fetched, the jars "
-                "are kept in the Ivy cache. [SPARK] PACKAGES = none starts Spark without them (no S3, no Delta).")
+        return (
+            f"Spark could not fetch {names} from Maven Central, so it cannot start (Ivy: "
+            f"{first_line_with(jvm_output, ('not found', 'unresolved', 'Connection', 'timed out'))}). Check the "
+            "network and any proxy (Ivy takes -Dhttps.proxyHost in JAVA_TOOL_OPTIONS); once fetched, the jars "
+            "are kept in the Ivy cache. [SPARK] PACKAGES = none starts Spark without them (no S3, no Delta)."
+        )
     if "JAVA_HOME" in jvm_output or "java: not found" in jvm_output or "No such file" in jvm_output:
-        return ("Spark cannot start: no usable Java was found. Install Java 17 and make `java` available on PATH "
-                "(or set JAVA_HOME).")
-    return (f"Spark could not start: {first_line_with(jvm_output, ('Exception', 'Error', 'error'))}. "
-            "Run again with --verbose to see all of Spark's output.")
+        return (
+            "Spark cannot start: no usable Java was found. Install Java 17 and make `java` available on PATH "
+            "(or set JAVA_HOME)."
+        )
+    return (
+        f"Spark could not start: {first_line_with(jvm_output, ('Exception', 'Error', 'error'))}. "
+        "Run again with --verbose to see all of Spark's output."
+    )
 
 
 def first_line_with(text: str, words: Sequence[str]) -> str:
@@ -2310,11 +2628,15 @@ def s3a_options(settings: Settings, committer: str, local_master: bool) -> dict[
         "fs.s3a.committer.threads": "64",
         "fs.s3a.committer.name": committer,
         "fs.s3a.committer.magic.enabled": "true",
+        # Magic committer (clusters without HDFS): the list of a task's uploads stays in its
+        # memory until the task commits, instead of two objects per file (Hadoop 3.3.6+).
+        "fs.s3a.committer.magic.track.commits.in.memory.enabled": "true",
         "fs.s3a.committer.abort.pending.uploads": "true",
         "mapreduce.outputcommitter.factory.scheme.s3a": "org.apache.hadoop.fs.s3a.commit.S3ACommitterFactory",
         # Keep folder markers: deleting them costs a request for every file written (Hadoop 3.3).
         "fs.s3a.directory.marker.retention": "keep",
-        # No existence probes before creating a file (Hadoop 3.4 and later; ignored before).
+        # Delta writes its files straight to their keys: without this, each create costs
+        # probes (three HEADs and a LIST) for a file that cannot exist (Hadoop 3.4 and later).
         "fs.s3a.create.performance": "true",
     }
     if local_master:
@@ -2359,18 +2681,22 @@ def configure_storage(spark: SparkSession, settings: Settings, lake: Lake) -> Se
     if settings.output_root.startswith("s3://"):
         if hadoop_conf.get("fs.s3.impl") is not None:
             return settings  # EMRFS, with EMR's own committer and credentials
-        settings = replace(settings, output_root="s3a://" + settings.output_root[len("s3://"):])
+        settings = replace(settings, output_root="s3a://" + settings.output_root[len("s3://") :])
         lake.root = settings.output_root
     if not jvm_has_class(spark, "org.apache.hadoop.fs.s3a.S3AFileSystem"):
         hadoop = spark.sparkContext._jvm.org.apache.hadoop.util.VersionInfo.getVersion()
-        raise EtlError("This Spark has no S3A connector, so it cannot write s3a:// URIs. With spark-submit, add "
-                       f"--packages org.apache.hadoop:hadoop-aws:{hadoop} (the version of this Spark's Hadoop; "
-                       "`python etl.py --print-packages` prints the flags); python etl.py adds it by itself, and "
-                       "EMR ships it.")
+        raise EtlError(
+            "This Spark has no S3A connector, so it cannot write s3a:// URIs. With spark-submit, add "
+            f"--packages org.apache.hadoop:hadoop-aws:{hadoop} (the version of this Spark's Hadoop; "
+            "`python etl.py --print-packages` prints the flags); python etl.py adds it by itself, and "
+            "EMR ships it."
+        )
     if not jvm_has_class(spark, "org.apache.spark.internal.io.cloud.PathOutputCommitProtocol"):
-        raise EtlError("spark-hadoop-cloud is missing, so Spark would write S3 tables by copying and deleting "
-                       "files, visible while half-written. Add it: `python etl.py --print-packages` prints the "
-                       "spark-submit flags.")
+        raise EtlError(
+            "spark-hadoop-cloud is missing, so Spark would write S3 tables by copying and deleting "
+            "files, visible while half-written. Add it: `python etl.py --print-packages` prints the "
+            "spark-submit flags."
+        )
     master = spark.sparkContext.master
     # The staging committer needs a filesystem every task and the driver share (HDFS on
     # YARN, the local disk in local mode) for its lists of uploads; elsewhere, magic.
@@ -2378,17 +2704,34 @@ def configure_storage(spark: SparkSession, settings: Settings, lake: Lake) -> Se
     settings = replace(settings, s3a_committer=committer)
     for key, value in s3a_options(settings, committer, master.startswith("local")).items():
         hadoop_conf.set(key, value)
-    spark.conf.set("spark.sql.sources.commitProtocolClass", "org.apache.spark.internal.io.cloud.PathOutputCommitProtocol")
-    spark.conf.set("spark.sql.parquet.output.committer.class",
-                   "org.apache.spark.internal.io.cloud.BindingParquetOutputCommitter")
+    spark.conf.set(
+        "spark.sql.sources.commitProtocolClass", "org.apache.spark.internal.io.cloud.PathOutputCommitProtocol"
+    )
+    spark.conf.set(
+        "spark.sql.parquet.output.committer.class", "org.apache.spark.internal.io.cloud.BindingParquetOutputCommitter"
+    )
     lake.replaces_on_commit = committer in STAGING_COMMITTERS
     return settings
 
 
 # =============================================================================
-# Local-run tuning: what a local[*] run on a laptop takes and a cluster does not.
-# Each entry is measured in docs/PERFORMANCE.md; this is the only place they live.
+# Tuning: every setting that is there for speed alone, each measured in
+# docs/PERFORMANCE.md (the songs table's writer options live with its schema).
 # =============================================================================
+
+# The tables are small: Spark's default of 200 shuffle tasks costs more in scheduling and
+# tiny files than the shuffles do work. Applies unless spark.sql.shuffle.partitions is set.
+SHUFFLE_TASKS_PER_CORE = 2
+
+
+def size_shuffles(spark: SparkSession) -> None:
+    if not spark.sparkContext.getConf().contains("spark.sql.shuffle.partitions"):
+        spark.conf.set(
+            "spark.sql.shuffle.partitions", str(spark.sparkContext.defaultParallelism * SHUFFLE_TASKS_PER_CORE)
+        )
+
+
+# Local runs (python etl.py) only.
 
 # Without Hadoop's native library (pyspark ships none) Hadoop's local filesystem sets the
 # permissions of every file it writes by forking `chmod`. This filesystem (Apache-2.0;
@@ -2401,17 +2744,6 @@ NIO_LOCAL_FS_CLASS = "com.globalmentor.apache.hadoop.fs.NakedLocalFileSystem"  #
 # for the files it stages on local disk before uploading them.
 NIO_CHECKSUMMED_FS_CLASS = "com.globalmentor.apache.hadoop.fs.BareLocalFileSystem"
 LOCAL_RUN_PACKAGES = (NIO_LOCAL_FS_PACKAGE,)
-# The driver is the whole local cluster: Spark's 1 GB default makes aggregations spill.
-LOCAL_DRIVER_MEMORY = "2g"
-
-
-def local_run_settings(settings: Settings) -> dict[str, str]:
-    """Session settings of a local run started by ``python etl.py``."""
-    confs = {}
-    submit_args = os.environ.get("PYSPARK_SUBMIT_ARGS", "")
-    if not os.environ.get("SPARK_DRIVER_MEMORY") and not re.search(r"--driver-memory|spark\.driver\.memory", submit_args):
-        confs["spark.driver.memory"] = LOCAL_DRIVER_MEMORY
-    return confs
 
 
 def tune_local_session(spark: SparkSession, settings: Settings) -> None:
@@ -2429,6 +2761,7 @@ def tune_local_session(spark: SparkSession, settings: Settings) -> None:
 # =============================================================================
 # Run report: what a run read, wrote, checked and how long it took, under _runs/
 # =============================================================================
+
 
 def utc_now() -> str:
     return datetime.now(timezone.utc).isoformat(timespec="seconds")
@@ -2460,8 +2793,13 @@ class RunReport:
     @classmethod
     def start(cls, settings: Settings, mode: str) -> RunReport:
         moment = datetime.now(timezone.utc)
-        return cls(run_id=f"{moment:%Y%m%dT%H%M%SZ}-{os.urandom(3).hex()}", started_at=utc_now(),
-                   settings=settings.redacted(), mode=mode, format=settings.format)
+        return cls(
+            run_id=f"{moment:%Y%m%dT%H%M%SZ}-{os.urandom(3).hex()}",
+            started_at=utc_now(),
+            settings=settings.redacted(),
+            mode=mode,
+            format=settings.format,
+        )
 
     def holder(self) -> dict[str, object]:
         return {"run_id": self.run_id, "pid": os.getpid(), "host": socket.gethostname(), "started_at": self.started_at}
@@ -2491,9 +2829,13 @@ class RunReport:
         """Every input file and what became of it, one JSON line each, beside the report."""
         lines = []
         for dataset, inventory in inventories.items():
-            lines += [json.dumps({"dataset": dataset, "path": f.path, "bytes": f.size, "read": True}) for f in inventory.read]
-            lines += [json.dumps({"dataset": dataset, "path": path, "read": False, "reason": reason})
-                      for path, reason in inventory.skipped]
+            lines += [
+                json.dumps({"dataset": dataset, "path": f.path, "bytes": f.size, "read": True}) for f in inventory.read
+            ]
+            lines += [
+                json.dumps({"dataset": dataset, "path": path, "read": False, "reason": reason})
+                for path, reason in inventory.skipped
+            ]
         with contextlib.suppress(Exception):
             lake.write_text(f"_runs/{self.run_id}.files.jsonl", "\n".join(lines) + "\n")
 
@@ -2501,16 +2843,23 @@ class RunReport:
 def summary(report: RunReport, lake: Lake) -> str:
     """The closing summary, drawn from the run report."""
     if report.mode == "rollback":
-        return (f"Sparkify ETL rolled back the tables in {lake.display()} to run {report.rolled_back_to}\n"
-                + "".join(f"  {name:<10} version {version}\n" for name, version in report.versions.items())
-                + f"  run report: {lake.display(report.location)}")
+        return (
+            f"Sparkify ETL rolled back the tables in {lake.display()} to run {report.rolled_back_to}\n"
+            + "".join(f"  {name:<10} version {version}\n" for name, version in report.versions.items())
+            + f"  run report: {lake.display(report.location)}"
+        )
     lines = [f"Sparkify ETL finished ({report.mode} load, {report.format}): tables in {lake.display()}"]
     lines += [f"  note: {note}" for note in report.recovered + report.warnings]
     for table, facts in report.tables.items():
-        lines.append(f"  {table:<10} {facts['rows']:>12,} rows" + (f"  ({facts['written']})" if facts["written"] != "whole table" else ""))
+        lines.append(
+            f"  {table:<10} {facts['rows']:>12,} rows"
+            + (f"  ({facts['written']})" if facts["written"] != "whole table" else "")
+        )
     for dataset, facts in report.inputs.items():
-        lines.append(f"  {dataset}: {facts['files_read']:,} files read, {facts['files_skipped']:,} skipped, "
-                     f"{facts['records']:,} records")
+        lines.append(
+            f"  {dataset}: {facts['files_read']:,} files read, {facts['files_skipped']:,} skipped, "
+            f"{facts['records']:,} records"
+        )
         quarantined = facts["quarantined"]
         detail = ", ".join(f"{reason}: {count}" for reason, count in sorted(facts["rejects"].items()))
         where = f" -> {lake.display('_quarantine/' + dataset)} ({detail})" if quarantined else ""
@@ -2528,6 +2877,7 @@ def summary(report: RunReport, lake: Lake) -> str:
 # Failures: one paragraph, an exit status, and a report closed with the cause
 # =============================================================================
 
+
 class Terminated(BaseException):
     """SIGTERM, as from a scheduler stopping the job."""
 
@@ -2541,8 +2891,11 @@ KNOWN_CAUSES = (
     (r"File name too long", "A file name is too long for the filesystem"),
     (r"Permission denied|AccessDeniedException|Access Denied", "Permission denied"),
     (r"Read-only file system", "The filesystem is read-only"),
-    (r"OutOfMemoryError", "Spark ran out of memory (give the driver more: spark-submit --driver-memory, or "
-                          "PYSPARK_SUBMIT_ARGS='--driver-memory 4g pyspark-shell')"),
+    (
+        r"OutOfMemoryError",
+        "Spark ran out of memory (give the driver more: spark-submit --driver-memory, or "
+        "PYSPARK_SUBMIT_ARGS='--driver-memory 4g pyspark-shell')",
+    ),
     (rf"{READ_ERROR} ([^\n]*)", None),
 )
 
@@ -2603,6 +2956,7 @@ def on_sigterm(signum, frame) -> None:
 # CLI
 # =============================================================================
 
+
 def utc_date(text: str) -> date:
     try:
         return date.fromisoformat(text)
@@ -2612,32 +2966,62 @@ def utc_date(text: str) -> date:
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
-        prog="etl.py", allow_abbrev=False,
+        prog="etl.py",
+        allow_abbrev=False,
         description="Build the Sparkify star schema (songplays, users, songs, artists, time) "
-                    "from song_data/ and log_data/ JSON.")
-    parser.add_argument("--config", metavar="FILE", help=f"INI settings file (default: ./{DEFAULT_CONFIG} when present)")
-    parser.add_argument("--input", metavar="ROOT", help="folder or s3a:// URI holding song_data/ and log_data/ "
-                                                        "(default: the sample dataset in data/sample)")
-    parser.add_argument("--output", metavar="ROOT", help=f"folder or s3a:// URI for the tables (default: ./{DEFAULT_OUTPUT})")
+        "from song_data/ and log_data/ JSON.",
+    )
+    parser.add_argument(
+        "--config", metavar="FILE", help=f"INI settings file (default: ./{DEFAULT_CONFIG} when present)"
+    )
+    parser.add_argument(
+        "--input",
+        metavar="ROOT",
+        help="folder or s3a:// URI holding song_data/ and log_data/ (default: the sample dataset in data/sample)",
+    )
+    parser.add_argument(
+        "--output", metavar="ROOT", help=f"folder or s3a:// URI for the tables (default: ./{DEFAULT_OUTPUT})"
+    )
     parser.add_argument("--format", choices=FORMATS, help="table format (default: parquet)")
-    parser.add_argument("--since", metavar="YYYY-MM-DD", type=utc_date,
-                        help="incremental load: only log events from this UTC day on; the songplays "
-                             "and time partitions the window touches are replaced, users merged")
-    parser.add_argument("--until", metavar="YYYY-MM-DD", type=utc_date,
-                        help="incremental load: only log events before this UTC day")
-    parser.add_argument("--max-reject-rate", metavar="FRACTION",
-                        help="share of a dataset's records that may be quarantined before the run "
-                             f"fails without publishing any table (default {DEFAULT_MAX_REJECT_RATE})")
-    parser.add_argument("--catalog", metavar="DATABASE",
-                        help="after the load, register the tables in this database of the session's metastore")
-    parser.add_argument("--rollback", action="store_true",
-                        help="Delta tables: return all of them to the versions of the previous successful run")
-    parser.add_argument("--verbose", action="store_true", help="log every step and show Spark's output and full "
-                                                              "stack traces")
-    parser.add_argument("--print-packages", action="store_true",
-                        help="print the spark-submit flags (--packages ...) for the jars a run needs, and exit")
-    parser.add_argument("--print-ddl", choices=("athena",), help="print CREATE EXTERNAL TABLE statements for "
-                                                                 "the tables at --output, and exit")
+    parser.add_argument(
+        "--since",
+        metavar="YYYY-MM-DD",
+        type=utc_date,
+        help="incremental load: only log events from this UTC day on; the songplays "
+        "and time partitions the window touches are replaced, users merged",
+    )
+    parser.add_argument(
+        "--until", metavar="YYYY-MM-DD", type=utc_date, help="incremental load: only log events before this UTC day"
+    )
+    parser.add_argument(
+        "--max-reject-rate",
+        metavar="FRACTION",
+        help="share of a dataset's records that may be quarantined before the run "
+        f"fails without publishing any table (default {DEFAULT_MAX_REJECT_RATE})",
+    )
+    parser.add_argument(
+        "--catalog",
+        metavar="DATABASE",
+        help="after the load, register the tables in this database of the session's metastore",
+    )
+    parser.add_argument(
+        "--rollback",
+        action="store_true",
+        help="Delta tables: return all of them to the versions of the previous successful run",
+    )
+    parser.add_argument(
+        "--verbose", action="store_true", help="log every step and show Spark's output and full stack traces"
+    )
+    parser.add_argument(
+        "--print-packages",
+        action="store_true",
+        help="print the spark-submit flags (--packages ...) for the jars a run needs, and exit",
+    )
+    parser.add_argument(
+        "--print-ddl",
+        choices=("athena",),
+        help="print CREATE EXTERNAL TABLE statements for the tables at --output, and exit",
+    )
     return parser.parse_args(argv)
 
 
@@ -2645,8 +3029,10 @@ def main(argv: Sequence[str] | None = None, spark: SparkSession | None = None) -
     """Run etl.py with ``argv``; returns the exit status. ``spark``: a session to run in
     (left running) instead of one of its own."""
     args = parse_args(argv)
-    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(
+        level=logging.INFO if args.verbose else logging.WARNING,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
     if threading.current_thread() is threading.main_thread():
         signal.signal(signal.SIGTERM, on_sigterm)
     try:
@@ -2667,23 +3053,27 @@ def main(argv: Sequence[str] | None = None, spark: SparkSession | None = None) -
         print(f"etl.py: {error}", file=sys.stderr)
         return EXIT_FAILED
     except KeyboardInterrupt:
-        print("etl.py: interrupted (Ctrl-C); nothing this run wrote was published (see its run report).",
-              file=sys.stderr)
+        print(
+            "etl.py: interrupted (Ctrl-C); nothing this run wrote was published (see its run report).", file=sys.stderr
+        )
         return EXIT_INTERRUPTED
     except Terminated:
         print("etl.py: stopped by SIGTERM; nothing this run wrote was published (see its run report).", file=sys.stderr)
         return EXIT_TERMINATED
-    except Exception as error:  # noqa: BLE001 - anything unforeseen: one paragraph unless --verbose
+    except Exception as error:  # anything unforeseen: one paragraph unless --verbose
         if args.verbose:
             raise
         where = f" Spark's log: {SPARK_LOG.name}." if SPARK_LOG is not None else ""
-        print(f"etl.py: the run failed: {one_line(error)}. Run again with --verbose for the full trace.{where}",
-              file=sys.stderr)
+        print(
+            f"etl.py: the run failed: {one_line(error)}. Run again with --verbose for the full trace.{where}",
+            file=sys.stderr,
+        )
         return EXIT_FAILED
 
 
-def execute(settings: Settings, args: argparse.Namespace,
-            given_session: SparkSession | None = None) -> tuple[RunReport, Lake]:
+def execute(
+    settings: Settings, args: argparse.Namespace, given_session: SparkSession | None = None
+) -> tuple[RunReport, Lake]:
     """One run: preflight, lock, repair, load (or roll back), report."""
     inventories = {}
     if not args.rollback:
@@ -2691,8 +3081,9 @@ def execute(settings: Settings, args: argparse.Namespace,
         inventories = inventory_input(settings)
     lake = open_lake(settings)
     lake.probe()
-    report = RunReport.start(settings, "rollback" if args.rollback else
-                             "incremental" if settings.incremental() else "full")
+    report = RunReport.start(
+        settings, "rollback" if args.rollback else "incremental" if settings.incremental() else "full"
+    )
     spark: SparkSession | None = None
 
     def session() -> SparkSession:

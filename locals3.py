@@ -25,8 +25,10 @@ from pathlib import Path
 from urllib.parse import parse_qs, urlsplit
 
 S3PROXY_VERSION = "4.1.0"
-S3PROXY_URL = (f"https://repo1.maven.org/maven2/org/gaul/s3proxy/{S3PROXY_VERSION}/"
-               f"s3proxy-{S3PROXY_VERSION}-jar-with-dependencies.jar")
+S3PROXY_URL = (
+    f"https://repo1.maven.org/maven2/org/gaul/s3proxy/{S3PROXY_VERSION}/"
+    f"s3proxy-{S3PROXY_VERSION}-jar-with-dependencies.jar"
+)
 CACHE = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "sparkify"
 ACCESS_KEY, SECRET_KEY = "local", "local-secret"
 
@@ -56,18 +58,26 @@ def s3proxy(data: Path, port: int | None = None, access_key: str = ACCESS_KEY, s
     data.mkdir(parents=True, exist_ok=True)
     port = port or free_port()
     config = data.parent / f"{data.name}.s3proxy.properties"
-    config.write_text("\n".join([
-        f"s3proxy.endpoint=http://127.0.0.1:{port}",
-        "s3proxy.authorization=aws-v2-or-v4",
-        f"s3proxy.identity={access_key}",
-        f"s3proxy.credential={secret_key}",
-        "jclouds.provider=filesystem",
-        f"jclouds.filesystem.basedir={data}",
-    ]) + "\n")
+    config.write_text(
+        "\n".join(
+            [
+                f"s3proxy.endpoint=http://127.0.0.1:{port}",
+                "s3proxy.authorization=aws-v2-or-v4",
+                f"s3proxy.identity={access_key}",
+                f"s3proxy.credential={secret_key}",
+                "jclouds.provider=filesystem",
+                f"jclouds.filesystem.basedir={data}",
+            ]
+        )
+        + "\n"
+    )
     log = data.parent / f"{data.name}.s3proxy.log"
     with open(log, "wb") as output:
-        server = subprocess.Popen(["java", "-Xmx512m", "-jar", str(s3proxy_jar()), "--properties", str(config)],
-                                  stdout=output, stderr=subprocess.STDOUT)
+        server = subprocess.Popen(
+            ["java", "-Xmx512m", "-jar", str(s3proxy_jar()), "--properties", str(config)],
+            stdout=output,
+            stderr=subprocess.STDOUT,
+        )
     try:
         deadline = time.monotonic() + 60
         while True:
@@ -147,7 +157,7 @@ class LatencyProxy:
             counts, self.counts = self.counts, Counter()
         return counts
 
-    def __enter__(self) -> "LatencyProxy":
+    def __enter__(self) -> LatencyProxy:
         self._thread = threading.Thread(target=self._serve, daemon=True)
         self._thread.start()
         self._started.wait(10)
@@ -161,8 +171,10 @@ class LatencyProxy:
 
     def _serve(self) -> None:
         self._loop = asyncio.new_event_loop()
+        asyncio.set_event_loop(self._loop)  # this thread's loop, for gather() at shutdown
         server = self._loop.run_until_complete(
-            asyncio.start_server(self._connection, "127.0.0.1", self.port, backlog=1024))
+            asyncio.start_server(self._connection, "127.0.0.1", self.port, backlog=1024)
+        )
         self._started.set()
         try:
             self._loop.run_forever()
@@ -171,7 +183,8 @@ class LatencyProxy:
             pending = asyncio.all_tasks(self._loop)
             for task in pending:
                 task.cancel()
-            self._loop.run_until_complete(asyncio.gather(*pending, return_exceptions=True))
+            if pending:
+                self._loop.run_until_complete(asyncio.gather(*pending, return_exceptions=True))
             self._loop.close()
 
     async def _connection(self, client_in: asyncio.StreamReader, client_out: asyncio.StreamWriter) -> None:
@@ -260,8 +273,11 @@ def main(argv: list[str] | None = None) -> None:
             _wait()
             return
         with LatencyProxy(endpoint, args.delay_ms, args.port) as proxy:
-            print(f"S3 endpoint {proxy.endpoint}, {args.delay_ms:g} ms per request (key {ACCESS_KEY}, "
-                  f"secret {SECRET_KEY}); Ctrl-C stops it and prints the requests by kind", flush=True)
+            print(
+                f"S3 endpoint {proxy.endpoint}, {args.delay_ms:g} ms per request (key {ACCESS_KEY}, "
+                f"secret {SECRET_KEY}); Ctrl-C stops it and prints the requests by kind",
+                flush=True,
+            )
             try:
                 _wait()
             finally:

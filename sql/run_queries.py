@@ -47,11 +47,22 @@ def run(spark) -> dict[str, list[tuple]]:
     return {name: spark.sql(sql) for name, sql in queries().items()}
 
 
+# Results with one row per hour or weekday read better across the page.
+ACROSS = ("plays_by_hour", "plays_by_weekday")
+
+
 def markdown(name: str, frame) -> str:
-    rows = frame.collect()
-    lines = [f"**{name}**: {describe(queries()[name])}", "",
-             "| " + " | ".join(frame.columns) + " |", "|" + "---|" * len(frame.columns)]
-    lines += ["| " + " | ".join("" if value is None else str(value) for value in row) + " |" for row in rows]
+    rows = [["" if value is None else str(value) for value in row] for row in frame.collect()]
+    table = [frame.columns, *rows]
+    if name in ACROSS:
+        table = [list(column) for column in zip(*table, strict=True)]
+    lines = [
+        f"**{name}**: {describe(queries()[name])}",
+        "",
+        "| " + " | ".join(table[0]) + " |",
+        "|" + "---|" * len(table[0]),
+    ]
+    lines += ["| " + " | ".join(row) + " |" for row in table[1:]]
     return "\n".join(lines)
 
 
@@ -85,8 +96,12 @@ def main(argv: list[str] | None = None) -> int:
 
     from pyspark.sql import SparkSession
 
-    builder = (SparkSession.builder.master("local[*]").appName("sparkify-queries")
-               .config("spark.sql.session.timeZone", "UTC").config("spark.ui.showConsoleProgress", "false"))
+    builder = (
+        SparkSession.builder.master("local[*]")
+        .appName("sparkify-queries")
+        .config("spark.sql.session.timeZone", "UTC")
+        .config("spark.ui.showConsoleProgress", "false")
+    )
     if args.format == "delta":
         builder = builder.config("spark.jars.packages", etl.delta_package(etl.pyspark_version()))
         for key, value in etl.DELTA_SESSION.items():

@@ -9,6 +9,7 @@ stops every process it started, and any process those left behind, also when a t
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -24,9 +25,19 @@ import etl
 from conftest import NON_UTC_ZONE, REPO, free_port
 
 # Java 17 keeps these packages closed; Hadoop's web apps (Guice) need them open.
-JAVA_OPENS = [f"--add-opens=java.base/{package}=ALL-UNNAMED" for package in (
-    "java.lang", "java.lang.reflect", "java.util", "java.util.concurrent", "java.io", "java.net",
-    "java.nio", "sun.nio.ch")]
+JAVA_OPENS = [
+    f"--add-opens=java.base/{package}=ALL-UNNAMED"
+    for package in (
+        "java.lang",
+        "java.lang.reflect",
+        "java.util",
+        "java.util.concurrent",
+        "java.io",
+        "java.net",
+        "java.nio",
+        "sun.nio.ch",
+    )
+]
 
 
 def spark_home() -> Path:
@@ -36,12 +47,19 @@ def spark_home() -> Path:
 def cluster_environment(**extra: str) -> dict[str, str]:
     """Every cluster process binds to loopback, runs Python from this venv, and keeps its
     clock off UTC so a time part that leaks the local zone shows."""
-    return {**os.environ, "SPARK_HOME": str(spark_home()), "SPARK_LOCAL_IP": "127.0.0.1",
-            "PYSPARK_PYTHON": sys.executable, "TZ": NON_UTC_ZONE, **extra}
+    return {
+        **os.environ,
+        "SPARK_HOME": str(spark_home()),
+        "SPARK_LOCAL_IP": "127.0.0.1",
+        "PYSPARK_PYTHON": sys.executable,
+        "TZ": NON_UTC_ZONE,
+        **extra,
+    }
 
 
-def spark_submit(master: str, *args: str, env: dict[str, str], cwd: Path = REPO,
-                 timeout: int = 1200) -> subprocess.CompletedProcess:
+def spark_submit(
+    master: str, *args: str, env: dict[str, str], cwd: Path = REPO, timeout: int = 1200
+) -> subprocess.CompletedProcess:
     command = [str(spark_home() / "bin" / "spark-submit"), "--master", master, *args]
     return subprocess.run(command, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
 
@@ -84,15 +102,19 @@ class ProcessGroup:
     def start(self, name: str, command: list[str], env: dict[str, str]) -> None:
         log = self.folder / f"{name}.log"
         with log.open("wb") as output:
-            self.processes.append(subprocess.Popen(command, cwd=self.folder, env=env, stdout=output,
-                                                   stderr=subprocess.STDOUT, start_new_session=True))
+            self.processes.append(
+                subprocess.Popen(
+                    command, cwd=self.folder, env=env, stdout=output, stderr=subprocess.STDOUT, start_new_session=True
+                )
+            )
         self.logs.append(log)
 
     def assert_running(self) -> bool:
-        for process, log in zip(self.processes, self.logs):
+        for process, log in zip(self.processes, self.logs, strict=False):
             if process.poll() is not None:
-                raise RuntimeError(f"{log.stem} exited with {process.returncode}:\n"
-                                   f"{log.read_text(errors='replace')[-3000:]}")
+                raise RuntimeError(
+                    f"{log.stem} exited with {process.returncode}:\n{log.read_text(errors='replace')[-3000:]}"
+                )
         return True
 
     def stop(self) -> None:
@@ -106,10 +128,8 @@ class ProcessGroup:
                 os.killpg(process.pid, signal.SIGKILL)
                 process.wait()
         for pid in processes_under(self.folder):
-            try:
+            with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
 
 
 def http_json(url: str):
@@ -129,22 +149,48 @@ class StandaloneCluster:
         self.daemons = ProcessGroup(folder)
         self.master_url = ""
 
-    def __enter__(self) -> "StandaloneCluster":
+    def __enter__(self) -> StandaloneCluster:
         spark_class = str(spark_home() / "bin" / "spark-class")
         env = cluster_environment()
         port, web_port = free_port(), free_port()
         self.master_url = f"spark://127.0.0.1:{port}"
         try:
-            self.daemons.start("master", [spark_class, "org.apache.spark.deploy.master.Master",
-                                          "--host", "127.0.0.1", "--port", str(port),
-                                          "--webui-port", str(web_port)], env)
+            self.daemons.start(
+                "master",
+                [
+                    spark_class,
+                    "org.apache.spark.deploy.master.Master",
+                    "--host",
+                    "127.0.0.1",
+                    "--port",
+                    str(port),
+                    "--webui-port",
+                    str(web_port),
+                ],
+                env,
+            )
             for number in range(1, self.workers + 1):
                 work_dir = self.folder / f"worker-{number}"
                 work_dir.mkdir()
-                self.daemons.start(f"worker-{number}", [
-                    spark_class, "org.apache.spark.deploy.worker.Worker", "--host", "127.0.0.1",
-                    "--cores", "1", "--memory", "2g", "--work-dir", str(work_dir),
-                    "--webui-port", str(free_port()), self.master_url], env)
+                self.daemons.start(
+                    f"worker-{number}",
+                    [
+                        spark_class,
+                        "org.apache.spark.deploy.worker.Worker",
+                        "--host",
+                        "127.0.0.1",
+                        "--cores",
+                        "1",
+                        "--memory",
+                        "2g",
+                        "--work-dir",
+                        str(work_dir),
+                        "--webui-port",
+                        str(free_port()),
+                        self.master_url,
+                    ],
+                    env,
+                )
 
             def workers_alive() -> bool:
                 self.daemons.assert_running()
@@ -184,9 +230,13 @@ def minicluster_classpath(folder: Path) -> str:
         raise RuntimeError("the YARN test needs Maven (mvn) to fetch Hadoop's mini cluster jars")
     (folder / "pom.xml").write_text(MINICLUSTER_POM.format(hadoop=hadoop_version()))
     classpath = folder / "classpath.txt"
-    result = subprocess.run(["mvn", "-q", "-B", "dependency:build-classpath",
-                             f"-Dmdep.outputFile={classpath}"], cwd=folder, capture_output=True,
-                            text=True, timeout=900)
+    result = subprocess.run(
+        ["mvn", "-q", "-B", "dependency:build-classpath", f"-Dmdep.outputFile={classpath}"],
+        cwd=folder,
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
     if result.returncode != 0:
         raise RuntimeError(f"mvn could not fetch hadoop-minicluster:\n{result.stdout[-3000:]}")
     return classpath.read_text().strip()
@@ -203,33 +253,67 @@ class YarnCluster:
         self.daemons = ProcessGroup(folder)
         self.conf_dir = folder / "conf"
 
-    def __enter__(self) -> "YarnCluster":
+    def __enter__(self) -> YarnCluster:
         classpath = minicluster_classpath(self.folder)
         self.conf_dir.mkdir()
         site, details = self.conf_dir / "yarn-site.xml", self.folder / "details.json"
         # The mini cluster's other services default to fixed ports: give each a free one.
-        addresses = {name: f"127.0.0.1:{free_port()}" for name in (
-            "yarn.resourcemanager.scheduler.address", "yarn.resourcemanager.resource-tracker.address",
-            "yarn.resourcemanager.admin.address", "yarn.resourcemanager.webapp.address",
-            "mapreduce.jobhistory.webapp.address", "mapreduce.jobhistory.admin.address")}
-        command = ["java", "-Xmx1g", *JAVA_OPENS, "-cp", classpath,
-                   "org.apache.hadoop.mapreduce.MiniHadoopClusterManager", "-nodfs",
-                   "-nodemanagers", str(self.nodemanagers), "-rmport", str(free_port()),
-                   "-jhsport", str(free_port()), "-writeConfig", str(site), "-writeDetails", str(details)]
+        addresses = {
+            name: f"127.0.0.1:{free_port()}"
+            for name in (
+                "yarn.resourcemanager.scheduler.address",
+                "yarn.resourcemanager.resource-tracker.address",
+                "yarn.resourcemanager.admin.address",
+                "yarn.resourcemanager.webapp.address",
+                "mapreduce.jobhistory.webapp.address",
+                "mapreduce.jobhistory.admin.address",
+            )
+        }
+        command = [
+            "java",
+            "-Xmx1g",
+            *JAVA_OPENS,
+            "-cp",
+            classpath,
+            "org.apache.hadoop.mapreduce.MiniHadoopClusterManager",
+            "-nodfs",
+            "-nodemanagers",
+            str(self.nodemanagers),
+            "-rmport",
+            str(free_port()),
+            "-jhsport",
+            str(free_port()),
+            "-writeConfig",
+            str(site),
+            "-writeDetails",
+            str(details),
+        ]
         for name, address in addresses.items():
             command += ["-D", f"{name}={address}"]
         # A NodeManager whose disk is over 90% used reports itself unhealthy and gets no
         # containers: every application would wait in ACCEPTED until spark-submit timed out.
         # The test machine's disk is shared with everything else on it: no such limit here.
-        command += ["-D", "yarn.nodemanager.disk-health-checker.max-disk-utilization-per-disk-percentage=100.0",
-                    "-D", "yarn.nodemanager.disk-health-checker.min-free-space-per-disk-mb=0"]
+        command += [
+            "-D",
+            "yarn.nodemanager.disk-health-checker.max-disk-utilization-per-disk-percentage=100.0",
+            "-D",
+            "yarn.nodemanager.disk-health-checker.min-free-space-per-disk-mb=0",
+        ]
         try:
             self.daemons.start("minicluster", command, cluster_environment())
-            wait_for(lambda: self.daemons.assert_running() and details.exists() and site.exists(),
-                     "the YARN mini cluster", 180, self.daemons.logs)
+            wait_for(
+                lambda: self.daemons.assert_running() and details.exists() and site.exists(),
+                "the YARN mini cluster",
+                180,
+                self.daemons.logs,
+            )
             log = self.daemons.logs[0]
-            wait_for(lambda: log.read_text(errors="replace").count("registered with capability")
-                     >= self.nodemanagers, f"{self.nodemanagers} NodeManagers", 120, self.daemons.logs)
+            wait_for(
+                lambda: log.read_text(errors="replace").count("registered with capability") >= self.nodemanagers,
+                f"{self.nodemanagers} NodeManagers",
+                120,
+                self.daemons.logs,
+            )
         except BaseException:
             self.daemons.stop()
             raise

@@ -57,12 +57,14 @@ def quirky_dataset(tmp_path_factory) -> Path:
     return root
 
 
-def run_etl(*args: str, cwd: Path = REPO, env: dict | None = None, timeout: int = 900,
-            script: Path = REPO / "etl.py") -> subprocess.CompletedProcess:
+def run_etl(
+    *args: str, cwd: Path = REPO, env: dict | None = None, timeout: int = 900, script: Path = REPO / "etl.py"
+) -> subprocess.CompletedProcess:
     """Run ``python etl.py ARGS`` as a user would, with the machine clock off UTC."""
     environment = {**os.environ, "TZ": NON_UTC_ZONE, **(env or {})}
-    return subprocess.run([sys.executable, str(script), *args], cwd=cwd, env=environment,
-                          capture_output=True, text=True, timeout=timeout)
+    return subprocess.run(
+        [sys.executable, str(script), *args], cwd=cwd, env=environment, capture_output=True, text=True, timeout=timeout
+    )
 
 
 def run_in_session(spark: SparkSession, *args: str) -> int:
@@ -89,8 +91,9 @@ S3_REGION = "eu-west-1"
 @pytest.fixture(scope="session")
 def s3_endpoint(tmp_path_factory) -> str:
     """S3Proxy on 127.0.0.1 for the whole test run: real S3 protocol and real signature checks."""
-    with locals3.s3proxy(tmp_path_factory.mktemp("s3proxy") / "data", access_key=S3_KEY,
-                         secret_key=S3_SECRET) as endpoint:
+    with locals3.s3proxy(
+        tmp_path_factory.mktemp("s3proxy") / "data", access_key=S3_KEY, secret_key=S3_SECRET
+    ) as endpoint:
         yield endpoint
 
 
@@ -102,8 +105,12 @@ def counted_s3(s3_endpoint):
 
 
 def s3_environment(endpoint: str, key: str = S3_KEY, secret: str = S3_SECRET) -> dict[str, str]:
-    return {"AWS_ENDPOINT_URL_S3": endpoint, "AWS_ACCESS_KEY_ID": key, "AWS_SECRET_ACCESS_KEY": secret,
-            "AWS_REGION": S3_REGION}
+    return {
+        "AWS_ENDPOINT_URL_S3": endpoint,
+        "AWS_ACCESS_KEY_ID": key,
+        "AWS_SECRET_ACCESS_KEY": secret,
+        "AWS_REGION": S3_REGION,
+    }
 
 
 def s3_client(endpoint: str):
@@ -134,7 +141,7 @@ def download(endpoint: str, bucket: str, prefix: str, target: Path) -> Path:
     for key in all_keys(endpoint, bucket, prefix):
         if key.endswith("/"):
             continue
-        path = target / key[len(prefix):]
+        path = target / key[len(prefix) :]
         path.parent.mkdir(parents=True, exist_ok=True)
         client.download_file(bucket, key, str(path))
     return target
@@ -148,8 +155,10 @@ class S3ErrorHandler(BaseHTTPRequestHandler):
     code = "AccessDenied"
 
     def _answer(self) -> None:
-        body = (f'<?xml version="1.0" encoding="UTF-8"?><Error><Code>{self.code}</Code>'
-                f"<Message>{self.code}</Message><RequestId>1</RequestId></Error>").encode()
+        body = (
+            f'<?xml version="1.0" encoding="UTF-8"?><Error><Code>{self.code}</Code>'
+            f"<Message>{self.code}</Message><RequestId>1</RequestId></Error>"
+        ).encode()
         self.send_response(self.status)
         self.send_header("Content-Type", "application/xml")
         self.send_header("Content-Length", str(len(body)))

@@ -22,26 +22,62 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 SONG_FIELDS = {
-    "song_id": str, "title": str, "artist_id": str, "artist_name": str, "artist_location": str,
-    "artist_latitude": float, "artist_longitude": float, "duration": float, "year": "int32",
+    "song_id": str,
+    "title": str,
+    "artist_id": str,
+    "artist_name": str,
+    "artist_location": str,
+    "artist_latitude": float,
+    "artist_longitude": float,
+    "duration": float,
+    "year": "int32",
     "num_songs": "int32",
 }
 LOG_FIELDS = {
-    "ts": "int64", "userId": str, "firstName": str, "lastName": str, "gender": str, "level": str,
-    "location": str, "userAgent": str, "page": str, "song": str, "artist": str, "length": float,
-    "sessionId": "int64", "itemInSession": "int64", "auth": str, "method": str, "status": "int32",
+    "ts": "int64",
+    "userId": str,
+    "firstName": str,
+    "lastName": str,
+    "gender": str,
+    "level": str,
+    "location": str,
+    "userAgent": str,
+    "page": str,
+    "song": str,
+    "artist": str,
+    "length": float,
+    "sessionId": "int64",
+    "itemInSession": "int64",
+    "auth": str,
+    "method": str,
+    "status": "int32",
     "registration": float,
 }
 KIND_NAMES = {"int64": "a 64-bit integer", "int32": "a 32-bit integer", float: "a number"}
-COMPRESSION = {".gz": ("gzip", gzip.decompress), ".gzip": ("gzip", gzip.decompress),
-               ".bz2": ("bzip2", bz2.decompress), ".deflate": ("deflate", zlib.decompress),
-               ".zz": ("deflate", zlib.decompress)}
+COMPRESSION = {
+    ".gz": ("gzip", gzip.decompress),
+    ".gzip": ("gzip", gzip.decompress),
+    ".bz2": ("bzip2", bz2.decompress),
+    ".deflate": ("deflate", zlib.decompress),
+    ".zz": ("deflate", zlib.decompress),
+}
 MIN_TS, MAX_TS = -62135596800000, 253402300799999  # 0001-01-01 .. 9999-12-31 23:59:59.999 UTC
-FOLDER_ESCAPES = set('"#%\'*/:=?\\\x7f{[]^') | {chr(code) for code in range(1, 32)}
+FOLDER_ESCAPES = set("\"#%'*/:=?\\\x7f{[]^") | {chr(code) for code in range(1, 32)}
 
 COLUMNS = {
-    "songplays": ("songplay_id", "start_time", "user_id", "level", "song_id", "artist_id",
-                  "session_id", "location", "user_agent", "year", "month"),
+    "songplays": (
+        "songplay_id",
+        "start_time",
+        "user_id",
+        "level",
+        "song_id",
+        "artist_id",
+        "session_id",
+        "location",
+        "user_agent",
+        "year",
+        "month",
+    ),
     "users": ("user_id", "first_name", "last_name", "gender", "level"),
     "songs": ("song_id", "title", "artist_id", "year", "duration"),
     "artists": ("artist_id", "name", "location", "latitude", "longitude"),
@@ -101,7 +137,7 @@ def convert(value, kind):
         return float(value)
     if kind in ("int64", "int32") and isinstance(value, int):
         bits = 63 if kind == "int64" else 31
-        if -2**bits <= value < 2**bits:
+        if -(2**bits) <= value < 2**bits:
             return value
     raise ValueError
 
@@ -203,8 +239,10 @@ def nulls_first(values: tuple) -> tuple:
 
 
 def read_inputs(root: Path) -> tuple[Dataset, Dataset]:
-    return (read_dataset(root / "song_data", SONG_FIELDS, song_rule),
-            read_dataset(root / "log_data", LOG_FIELDS, log_rule))
+    return (
+        read_dataset(root / "song_data", SONG_FIELDS, song_rule),
+        read_dataset(root / "log_data", LOG_FIELDS, log_rule),
+    )
 
 
 def tables_from(songs: Dataset, events: list[dict]) -> dict[str, Counter]:
@@ -217,25 +255,40 @@ def tables_from(songs: Dataset, events: list[dict]) -> dict[str, Counter]:
     songs_rows = Counter((s, r["title"], r["artist_id"], r["year"], r["duration"]) for s, (_, r) in by_song_id.items())
 
     def unknown(record: dict) -> int:
-        return sum(record[name] in (None, "") for name in
-                   ("artist_name", "artist_location", "artist_latitude", "artist_longitude"))
+        return sum(
+            record[name] in (None, "")
+            for name in ("artist_name", "artist_location", "artist_latitude", "artist_longitude")
+        )
 
     chosen: dict[str, tuple] = {}
     for record in songs.records:
-        key = nulls_first((unknown(record), record["song_id"], record["artist_name"], record["artist_location"],
-                           record["artist_latitude"], record["artist_longitude"]))
+        key = nulls_first(
+            (
+                unknown(record),
+                record["song_id"],
+                record["artist_name"],
+                record["artist_location"],
+                record["artist_latitude"],
+                record["artist_longitude"],
+            )
+        )
         if record["artist_id"] not in chosen or key < chosen[record["artist_id"]][0]:
             chosen[record["artist_id"]] = (key, record)
-    artists_rows = Counter((a, r["artist_name"], r["artist_location"], r["artist_latitude"], r["artist_longitude"])
-                           for a, (_, r) in chosen.items())
+    artists_rows = Counter(
+        (a, r["artist_name"], r["artist_location"], r["artist_latitude"], r["artist_longitude"])
+        for a, (_, r) in chosen.items()
+    )
 
     latest: dict[int, tuple] = {}
     for event in events:
         if event["userId"] == "":
             continue
         user = int(event["userId"])
-        key = nulls_first(tuple(event[name] for name in
-                                ("ts", "sessionId", "itemInSession", "firstName", "lastName", "gender", "level")))
+        key = nulls_first(
+            tuple(
+                event[name] for name in ("ts", "sessionId", "itemInSession", "firstName", "lastName", "gender", "level")
+            )
+        )
         if user not in latest or key > latest[user][0]:
             latest[user] = (key, event)
     users_rows = Counter((u, e["firstName"], e["lastName"], e["gender"], e["level"]) for u, (_, e) in latest.items())
@@ -250,8 +303,9 @@ def tables_from(songs: Dataset, events: list[dict]) -> dict[str, Counter]:
     for event in events:
         if event["page"] == "NextSong":
             identity = (int(event["userId"]), event["sessionId"], event["itemInSession"], event["ts"])
-            copy = nulls_first(tuple(event[name] for name in
-                                     ("level", "song", "artist", "length", "location", "userAgent")))
+            copy = nulls_first(
+                tuple(event[name] for name in ("level", "song", "artist", "length", "location", "userAgent"))
+            )
             if identity not in plays or copy < plays[identity][0]:
                 plays[identity] = (copy, event)
     songplays_rows = Counter()
@@ -259,11 +313,29 @@ def tables_from(songs: Dataset, events: list[dict]) -> dict[str, Counter]:
         song_id, artist_id = matches.get((event["song"], event["artist"], event["length"]), (None, None))
         play_id = hashlib.md5(f"{user_id}|{session_id}|{item}|{ts}".encode()).hexdigest()
         _, _, _, month, year, _ = utc_parts(ts)
-        songplays_rows[(play_id, ts, user_id, event["level"], song_id, artist_id, session_id,
-                        event["location"], event["userAgent"], year, month)] += 1
+        songplays_rows[
+            (
+                play_id,
+                ts,
+                user_id,
+                event["level"],
+                song_id,
+                artist_id,
+                session_id,
+                event["location"],
+                event["userAgent"],
+                year,
+                month,
+            )
+        ] += 1
     time_rows = Counter((ts, *utc_parts(ts)) for ts in {identity[3] for identity in plays})
-    return {"songplays": songplays_rows, "users": users_rows, "songs": songs_rows, "artists": artists_rows,
-            "time": time_rows}
+    return {
+        "songplays": songplays_rows,
+        "users": users_rows,
+        "songs": songs_rows,
+        "artists": artists_rows,
+        "time": time_rows,
+    }
 
 
 def expected_tables(root: Path) -> tuple[dict[str, Counter], Dataset, Dataset]:

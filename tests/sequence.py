@@ -18,7 +18,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-import etl  # noqa: E402
+import etl
 
 
 def main(argv: list[str]) -> int:

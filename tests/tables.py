@@ -6,8 +6,8 @@ from __future__ import annotations
 import json
 import math
 from collections import Counter, defaultdict
+from collections.abc import Iterable
 from pathlib import Path
-from typing import Iterable
 
 from pyspark.sql import functions as F
 
@@ -18,8 +18,7 @@ TYPES = {
     "users": {"user_id": "int"},
     "songs": {"year": "int", "duration": "double"},
     "artists": {"latitude": "double", "longitude": "double"},
-    "time": {"start_time": "timestamp", **{part: "int" for part in
-                                           ("hour", "day", "week", "month", "year", "weekday")}},
+    "time": {"start_time": "timestamp", **dict.fromkeys(("hour", "day", "week", "month", "year", "weekday"), "int")},
 }
 PARTITIONS = {"songplays": 2, "songs": 2, "time": 2, "users": 0, "artists": 0}
 TABLES = tuple(COLUMNS)
@@ -34,8 +33,9 @@ def read_table(spark, location: str | Path, table: str, data_format: str = "parq
     types = dict(frame.dtypes)
     for column, wanted in TYPES[table].items():
         assert types[column] == wanted, f"{table}.{column} is {types[column]}, not {wanted}"
-    columns = [F.unix_millis(F.col(name)).alias(name) if name == "start_time" else F.col(name)
-               for name in COLUMNS[table]]
+    columns = [
+        F.unix_millis(F.col(name)).alias(name) if name == "start_time" else F.col(name) for name in COLUMNS[table]
+    ]
     return Counter(tuple(row) for row in frame.select(*columns).collect())
 
 
@@ -51,8 +51,11 @@ def read_delta_table(path: str, table: str, storage_options: dict | None = None)
 
     def value(name: str, cell):
         if name == "start_time" and cell is not None:
-            return int(cell.timestamp() * 1000) if cell.tzinfo else round(
-                (cell - cell.__class__(1970, 1, 1)).total_seconds() * 1000)
+            return (
+                int(cell.timestamp() * 1000)
+                if cell.tzinfo
+                else round((cell - cell.__class__(1970, 1, 1)).total_seconds() * 1000)
+            )
         if isinstance(cell, float) and math.isnan(cell):
             return cell
         return cell
@@ -83,14 +86,22 @@ def run_reports(output: Path) -> list[dict]:
 
 
 def quarantined(output: Path, dataset: str) -> list[dict]:
-    return [json.loads(line) for path in sorted((output / "_quarantine" / dataset).glob("*.json"))
-            for line in path.read_text().splitlines() if line]
+    return [
+        json.loads(line)
+        for path in sorted((output / "_quarantine" / dataset).glob("*.json"))
+        for line in path.read_text().splitlines()
+        if line
+    ]
 
 
 def lake_snapshot(output: Path) -> dict[str, bytes]:
     """Every table file's bytes: a lake that must not change compares equal to its snapshot."""
-    return {path.relative_to(output).as_posix(): path.read_bytes() for table in TABLES
-            for path in sorted((output / table).rglob("*")) if path.is_file()}
+    return {
+        path.relative_to(output).as_posix(): path.read_bytes()
+        for table in TABLES
+        for path in sorted((output / table).rglob("*"))
+        if path.is_file()
+    }
 
 
 def assert_frames_equal(actual, expected) -> None:

@@ -22,12 +22,13 @@ from conftest import BAD_DATA_ALLOWED, NON_UTC_ZONE, REPO, assert_loaded, run_et
 from oracle import expected_tables
 
 sys.path.insert(0, str(REPO / "sql"))
-import run_queries  # noqa: E402
+import run_queries
 
 TABLES = ("songplays", "users", "songs", "artists", "time")
 
 
 # --- Athena DDL ---------------------------------------------------------------------
+
 
 def statements(ddl: str) -> list[str]:
     return [statement.strip().rstrip(";") for statement in ddl.split(";\n") if statement.strip()]
@@ -46,8 +47,11 @@ def test_athena_ddl_for_delta_tables_names_them_delta(capsys):
     """Athena's own syntax for Delta tables (its table_type property is not Spark's)."""
     assert etl.main(["--print-ddl", "athena", "--output", "s3://lake/star", "--format", "delta"]) == 0
     printed = statements(capsys.readouterr().out)
-    assert printed == [f"CREATE EXTERNAL TABLE IF NOT EXISTS {table}\nLOCATION 's3://lake/star/{table}/'\n"
-                       "TBLPROPERTIES ('table_type' = 'DELTA')" for table in TABLES]
+    assert printed == [
+        f"CREATE EXTERNAL TABLE IF NOT EXISTS {table}\nLOCATION 's3://lake/star/{table}/'\n"
+        "TBLPROPERTIES ('table_type' = 'DELTA')"
+        for table in TABLES
+    ]
 
 
 def test_athena_ddl_projects_months_and_repairs_songs():
@@ -56,7 +60,9 @@ def test_athena_ddl_projects_months_and_repairs_songs():
     for table in (songplays, time_table):
         assert "PARTITIONED BY (`year` INT, `month` INT)" in table
         assert "'projection.enabled' = 'true'" in table
-        assert re.search(r"'storage.location.template' = 's3://lake/star/\w+/year=\$\{year\}/month=\$\{month\}/'", table)
+        assert re.search(
+            r"'storage.location.template' = 's3://lake/star/\w+/year=\$\{year\}/month=\$\{month\}/'", table
+        )
     assert "PARTITIONED BY (`year` INT, `artist_id` STRING)" in songs and "projection" not in songs
     assert repair == "MSCK REPAIR TABLE songs"
     assert "`start_time` TIMESTAMP" in songplays and "`session_id` BIGINT" in songplays
@@ -64,6 +70,7 @@ def test_athena_ddl_projects_months_and_repairs_songs():
 
 
 # --- the team's questions -------------------------------------------------------------
+
 
 @pytest.fixture(scope="module")
 def queried_lake(spark, quirky_dataset, tmp_path_factory):
@@ -96,21 +103,30 @@ def expected_answers(dataset: Path) -> dict[str, list[tuple]]:
     levels = Counter(p[3] for p in plays)
     free_paid = [(level, n, round(100 * n / len(plays), 1)) for level, n in sorted(levels.items())]
     active = Counter(p[2] for p in plays)
-    most_active = [(u, users[u][1], users[u][2], users[u][4], n)
-                   for u, n in top(active, key=lambda item: (-item[1], item[0]))]
+    most_active = [
+        (u, users[u][1], users[u][2], users[u][4], n) for u, n in top(active, key=lambda item: (-item[1], item[0]))
+    ]
     played = {p[4] for p in plays}
     never = [(len(songs), sum(song not in played for song in songs))]
     matched = sum(p[4] is not None for p in plays)
     matched_share = [(len(plays), matched, round(100 * matched / len(plays), 1))]
-    return {"top_songs": top_songs, "top_artists": top_artists, "plays_by_hour": by_hour,
-            "plays_by_weekday": by_weekday, "free_vs_paid": free_paid, "most_active_users": most_active,
-            "songs_never_played": never, "matched_plays": matched_share}
+    return {
+        "top_songs": top_songs,
+        "top_artists": top_artists,
+        "plays_by_hour": by_hour,
+        "plays_by_weekday": by_weekday,
+        "free_vs_paid": free_paid,
+        "most_active_users": most_active,
+        "songs_never_played": never,
+        "matched_plays": matched_share,
+    }
 
 
 def normalised(rows: list[tuple]) -> list[tuple]:
     return [tuple(float(value) if hasattr(value, "as_tuple") else value for value in row) for row in rows]
 
 
+@pytest.mark.slow
 def test_every_query_answers_its_question_as_the_oracle_does(quirky_dataset, queried_lake):
     expected = expected_answers(quirky_dataset)
     assert set(queried_lake) == set(expected) == set(run_queries.queries())
@@ -118,6 +134,7 @@ def test_every_query_answers_its_question_as_the_oracle_does(quirky_dataset, que
         assert normalised(rows) == expected[name], name
 
 
+@pytest.mark.slow
 def test_the_readme_shows_the_queries_results_on_the_shipped_sample(spark, tmp_path):
     """The results in README.md come from running sql/ on a load of the sample."""
     output = tmp_path / "lake"
@@ -153,8 +170,14 @@ print(json.dumps({"tables": tables, "counts": counts, "songplays_partitions": pa
 
 def later_session(cwd: Path, database: str, packages: str = "") -> dict:
     """A new Spark session started afterwards in the same folder, as `pyspark` would be."""
-    result = subprocess.run([sys.executable, "-c", LATER_SESSION, database, packages], cwd=cwd,
-                            env={**os.environ, "TZ": NON_UTC_ZONE}, capture_output=True, text=True, timeout=600)
+    result = subprocess.run(
+        [sys.executable, "-c", LATER_SESSION, database, packages],
+        cwd=cwd,
+        env={**os.environ, "TZ": NON_UTC_ZONE},
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     return json.loads(result.stdout.strip().splitlines()[-1])
 
@@ -169,16 +192,38 @@ def test_registered_tables_are_queried_by_name_from_a_later_session(two_month_in
     cwd.mkdir()
     lake = tmp_path / "lake"
     for _ in range(2):  # registering twice leaves one definition per table
-        assert_loaded(run_etl("--input", str(two_month_input), "--output", str(lake), "--until", "2018-12-01",
-                              "--catalog", "sparkify", cwd=cwd))
+        assert_loaded(
+            run_etl(
+                "--input",
+                str(two_month_input),
+                "--output",
+                str(lake),
+                "--until",
+                "2018-12-01",
+                "--catalog",
+                "sparkify",
+                cwd=cwd,
+            )
+        )
     found = later_session(cwd, "sparkify")
     november = rows_of_window(two_month_input, until="2018-12-01")
     assert found["tables"] == sorted(TABLES)
     assert found["counts"] == november
     assert found["songplays_partitions"] == 1
 
-    assert_loaded(run_etl("--input", str(two_month_input), "--output", str(lake), "--since", "2018-12-01",
-                          "--catalog", "sparkify", cwd=cwd))
+    assert_loaded(
+        run_etl(
+            "--input",
+            str(two_month_input),
+            "--output",
+            str(lake),
+            "--since",
+            "2018-12-01",
+            "--catalog",
+            "sparkify",
+            cwd=cwd,
+        )
+    )
     found = later_session(cwd, "sparkify")
     assert found["counts"] == rows_of(two_month_input)
     assert found["songplays_partitions"] == 2, "the incremental load's new month was not registered"
@@ -187,15 +232,14 @@ def test_registered_tables_are_queried_by_name_from_a_later_session(two_month_in
 
 @pytest.mark.slow
 def test_delta_tables_are_registered_as_delta(two_month_input, tmp_path):
+    flags = ("--input", str(two_month_input), "--output", str(tmp_path / "lake"), "--format", "delta")
     try:
         package = etl.delta_package(etl.pyspark_version())
     except etl.EtlError:
-        result = run_etl("--input", str(two_month_input), "--output", str(tmp_path / "lake"), "--format", "delta",
-                         "--catalog", "sparkify", cwd=tmp_path)
+        result = run_etl(*flags, "--catalog", "sparkify", cwd=tmp_path)
         assert result.returncode == 1 and "--format delta needs Delta Lake" in result.stderr
         return
-    assert_loaded(run_etl("--input", str(two_month_input), "--output", str(tmp_path / "lake"), "--format", "delta",
-                          "--catalog", "sparkify", cwd=tmp_path))
+    assert_loaded(run_etl(*flags, "--catalog", "sparkify", cwd=tmp_path))
     found = later_session(tmp_path, "sparkify", package)
     assert found["counts"] == rows_of(two_month_input)
 

@@ -10,10 +10,9 @@ import sys
 from pathlib import Path
 
 import pytest
+from clusters import StandaloneCluster, YarnCluster, cluster_environment, spark_submit
 
 import datagen
-import etl
-from clusters import StandaloneCluster, YarnCluster, cluster_environment, spark_submit
 from conftest import BAD_DATA_ALLOWED, REPO, create_bucket, download, s3_environment, upload
 from oracle import expected_tables
 from tables import assert_one_file_per_partition_folder, local_data_files, read_tables
@@ -33,12 +32,14 @@ def assert_succeeded(result: subprocess.CompletedProcess) -> None:
 
 def connector_flags() -> list[str]:
     """``python etl.py --print-packages``, as README has users splice it into spark-submit."""
-    printed = subprocess.run([sys.executable, ETL, "--print-packages"], capture_output=True, text=True,
-                             check=True, cwd=REPO)
+    printed = subprocess.run(
+        [sys.executable, ETL, "--print-packages"], capture_output=True, text=True, check=True, cwd=REPO
+    )
     return shlex.split(printed.stdout)
 
 
 # --- Spark standalone ----------------------------------------------------------
+
 
 @pytest.fixture(scope="module")
 def standalone(tmp_path_factory):
@@ -48,15 +49,25 @@ def standalone(tmp_path_factory):
 
 def tasks_run_per_worker(cluster: StandaloneCluster) -> dict[str, int]:
     """Tasks each worker's executors ran, counted in their logs."""
-    return {worker.name: sum(log.read_text(errors="replace").count("Running task")
-                             for log in worker.glob("app-*/*/stderr"))
-            for worker in cluster.folder.glob("worker-*") if worker.is_dir()}
+    return {
+        worker.name: sum(log.read_text(errors="replace").count("Running task") for log in worker.glob("app-*/*/stderr"))
+        for worker in cluster.folder.glob("worker-*")
+        if worker.is_dir()
+    }
 
 
 def test_standalone_cluster_runs_etl_on_local_files(spark, standalone, quirky_dataset, tmp_path):
     output = tmp_path / "lake"
-    result = spark_submit(standalone.master_url, ETL, "--input", str(quirky_dataset), "--output", str(output),
-                          *BAD_DATA_ALLOWED, env=cluster_environment())
+    result = spark_submit(
+        standalone.master_url,
+        ETL,
+        "--input",
+        str(quirky_dataset),
+        "--output",
+        str(output),
+        *BAD_DATA_ALLOWED,
+        env=cluster_environment(),
+    )
     assert_succeeded(result)
     assert "Sparkify ETL finished" in result.stdout
     assert_matches_oracle(spark, quirky_dataset, output)
@@ -78,9 +89,17 @@ def test_standalone_cluster_runs_etl_on_s3a(spark, standalone, s3_endpoint, smal
     committer, which needs no filesystem shared by the driver and the workers."""
     create_bucket(s3_endpoint, "cluster-raw")
     upload(s3_endpoint, small_s3_dataset, "cluster-raw")
-    result = spark_submit(standalone.master_url, *connector_flags(), ETL,
-                          "--input", "s3a://cluster-raw/", "--output", "s3a://cluster-lake/star",
-                          *BAD_DATA_ALLOWED, env=cluster_environment(**s3_environment(s3_endpoint)))
+    result = spark_submit(
+        standalone.master_url,
+        *connector_flags(),
+        ETL,
+        "--input",
+        "s3a://cluster-raw/",
+        "--output",
+        "s3a://cluster-lake/star",
+        *BAD_DATA_ALLOWED,
+        env=cluster_environment(**s3_environment(s3_endpoint)),
+    )
     assert_succeeded(result)
     lake = download(s3_endpoint, "cluster-lake", "star/", tmp_path / "lake")
     assert_matches_oracle(spark, small_s3_dataset, lake)
@@ -88,6 +107,7 @@ def test_standalone_cluster_runs_etl_on_s3a(spark, standalone, s3_endpoint, smal
 
 
 # --- YARN ----------------------------------------------------------------------
+
 
 @pytest.fixture(scope="module")
 def yarn(tmp_path_factory):
@@ -97,8 +117,18 @@ def yarn(tmp_path_factory):
 
 def test_yarn_client_mode_runs_etl(spark, yarn, quirky_dataset, tmp_path):
     output = tmp_path / "lake"
-    result = spark_submit("yarn", "--deploy-mode", "client", ETL, "--input", str(quirky_dataset),
-                          "--output", str(output), *BAD_DATA_ALLOWED, env=yarn.environment())
+    result = spark_submit(
+        "yarn",
+        "--deploy-mode",
+        "client",
+        ETL,
+        "--input",
+        str(quirky_dataset),
+        "--output",
+        str(output),
+        *BAD_DATA_ALLOWED,
+        env=yarn.environment(),
+    )
     assert_succeeded(result)
     assert "Sparkify ETL finished" in result.stdout
     assert "Submitted application application_" in result.stderr
@@ -112,17 +142,34 @@ def test_yarn_cluster_mode_reads_dl_cfg_shipped_with_files(spark, yarn, quirky_d
     output = tmp_path / "lake"
     config = tmp_path / "dl.cfg"
     config.write_text(f"[ETL]\nINPUT = {quirky_dataset}\nOUTPUT = {output}\nMAX_REJECT_RATE = 0.1\n")
-    result = spark_submit("yarn", "--deploy-mode", "cluster", "--files", str(config),
-                          "--conf", f"spark.yarn.appMasterEnv.PYSPARK_PYTHON={sys.executable}", ETL,
-                          env=yarn.environment(), cwd=tmp_path.parent)
+    result = spark_submit(
+        "yarn",
+        "--deploy-mode",
+        "cluster",
+        "--files",
+        str(config),
+        "--conf",
+        f"spark.yarn.appMasterEnv.PYSPARK_PYTHON={sys.executable}",
+        ETL,
+        env=yarn.environment(),
+        cwd=tmp_path.parent,
+    )
     assert_succeeded(result)
     assert "final status: SUCCEEDED" in result.stderr
     assert_matches_oracle(spark, quirky_dataset, output)
 
 
 def test_spark_submit_without_the_connector_says_how_to_add_it(s3_endpoint, small_s3_dataset, tmp_path):
-    result = spark_submit("local[1]", ETL, "--input", str(small_s3_dataset), "--output", "s3a://bare-lake/star",
-                          *BAD_DATA_ALLOWED, env=cluster_environment(**s3_environment(s3_endpoint)))
+    result = spark_submit(
+        "local[1]",
+        ETL,
+        "--input",
+        str(small_s3_dataset),
+        "--output",
+        "s3a://bare-lake/star",
+        *BAD_DATA_ALLOWED,
+        env=cluster_environment(**s3_environment(s3_endpoint)),
+    )
     # spark-submit merges the Python driver's stderr into its own stdout.
     assert result.returncode == 1
     assert "etl.py: This Spark has no S3A connector" in result.stdout

@@ -20,10 +20,18 @@ import pytest
 
 import datagen
 import etl
-from conftest import (BAD_DATA_ALLOWED, NON_UTC_ZONE, REPO, assert_loaded, create_bucket, download, run_etl,
-                      s3_environment)
+from conftest import (
+    BAD_DATA_ALLOWED,
+    NON_UTC_ZONE,
+    REPO,
+    assert_loaded,
+    create_bucket,
+    download,
+    run_etl,
+    s3_environment,
+)
 from oracle import COLUMNS, expected_tables
-from tables import read_delta_table, run_reports
+from tables import run_reports
 
 DELTA_LINE = ".".join(etl.pyspark_version().split(".")[:2])
 try:
@@ -40,8 +48,10 @@ def refused_on_this_spark_line(*args: str, env: dict | None = None) -> bool:
         return False
     result = run_etl(*args, env=env)
     assert result.returncode == 1
-    assert result.stderr.startswith(f"etl.py: --format delta needs Delta Lake for Spark {DELTA_LINE}, and none is "
-                                    "published: Delta Lake supports Spark 3.5, 4.0, 4.1, 4.2.")
+    assert result.stderr.startswith(
+        f"etl.py: --format delta needs Delta Lake for Spark {DELTA_LINE}, and none is "
+        "published: Delta Lake supports Spark 3.5, 4.0, 4.1, 4.2."
+    )
     assert result.stderr.count("\n") == 1 and "Traceback" not in result.stderr
     return True
 
@@ -72,9 +82,13 @@ def run_sequence(*runs: list[str], env: dict | None = None, tmp_path: Path) -> l
     """Several etl.py command lines in one process and session (see tests/sequence.py)."""
     results = tmp_path / f"sequence-{time.monotonic_ns()}.json"
     words = [word for run in runs for word in ("--", *run)]
-    completed = subprocess.run([sys.executable, str(REPO / "tests" / "sequence.py"), str(results), *words],
-                               env={**os.environ, "TZ": NON_UTC_ZONE, **(env or {})}, capture_output=True,
-                               text=True, timeout=1800)
+    completed = subprocess.run(
+        [sys.executable, str(REPO / "tests" / "sequence.py"), str(results), *words],
+        env={**os.environ, "TZ": NON_UTC_ZONE, **(env or {})},
+        capture_output=True,
+        text=True,
+        timeout=1800,
+    )
     assert completed.returncode == 0, completed.stderr[-4000:]
     outcome = json.loads(results.read_text())
     for result in outcome:
@@ -99,6 +113,7 @@ def november(two_months, tmp_path_factory) -> Path:
 
 
 # --- every Spark line: one load, or the one error -----------------------------------
+
 
 def test_a_delta_load_matches_the_oracle_and_tags_each_commit_with_its_run(quirky_dataset, tmp_path):
     from deltalake import DeltaTable
@@ -135,6 +150,7 @@ def test_print_packages_names_the_jars_and_settings_for_spark_submit():
 
 # --- the whole life of a Delta lake, on a local root and on S3 -------------------------
 
+
 @pytest.fixture(params=["local", "s3"])
 def root(request, tmp_path):
     """(the output root, the environment to run with, a function that brings the lake to a local folder)"""
@@ -144,8 +160,11 @@ def root(request, tmp_path):
     endpoint = request.getfixturevalue("s3_endpoint")
     bucket = f"delta-{int(time.time() * 1000) % 10**9}"
     create_bucket(endpoint, bucket)
-    return f"s3a://{bucket}/star", s3_environment(endpoint), lambda: download(endpoint, bucket, "star/", tmp_path /
-                                                                             f"copy-{time.monotonic_ns()}")
+    return (
+        f"s3a://{bucket}/star",
+        s3_environment(endpoint),
+        lambda: download(endpoint, bucket, "star/", tmp_path / f"copy-{time.monotonic_ns()}"),
+    )
 
 
 @pytest.mark.slow
@@ -154,10 +173,14 @@ def test_halves_a_second_load_and_a_rollback(two_months, november, root, tmp_pat
     delta = ["--output", output, "--format", "delta"]
     if refused_on_this_spark_line("--input", str(two_months), *delta, env=env):
         return
-    results = run_sequence(["--input", str(two_months), *delta, "--until", "2018-11-25"],
-                           ["--input", str(two_months), *delta, "--since", "2018-11-25"],
-                           ["--input", str(november), *delta],
-                           [*delta, "--rollback"], env=env, tmp_path=tmp_path)
+    results = run_sequence(
+        ["--input", str(two_months), *delta, "--until", "2018-11-25"],
+        ["--input", str(two_months), *delta, "--since", "2018-11-25"],
+        ["--input", str(november), *delta],
+        [*delta, "--rollback"],
+        env=env,
+        tmp_path=tmp_path,
+    )
     lake = fetch()
     halves, second, rolled_back = run_reports(lake)[1:]
     full, _, _ = expected_tables(two_months)
@@ -177,9 +200,13 @@ def test_a_run_killed_between_table_commits_is_undone_by_the_next(two_months, no
         return
     assert_loaded(run_etl("--input", str(two_months), "--output", output, "--format", "delta", env=env))
     before = delta_tables(fetch())
-    driver = subprocess.Popen([sys.executable, str(REPO / "etl.py"), "--input", str(november), "--output", output,
-                               "--format", "delta"], env={**os.environ, "TZ": NON_UTC_ZONE, **env},
-                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    driver = subprocess.Popen(
+        [sys.executable, str(REPO / "etl.py"), "--input", str(november), "--output", output, "--format", "delta"],
+        env={**os.environ, "TZ": NON_UTC_ZONE, **env},
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
     lake = etl.open_lake(etl.resolve_settings(etl.parse_args(["--output", output]), {**os.environ, **env}))
     deadline = time.monotonic() + 600
     while not any(etl.delta_version(lake, table) for table in COLUMNS):  # the first commit of the new run
@@ -205,13 +232,23 @@ def test_old_files_are_cleaned_up_past_the_retention_period_and_never_inside_it(
     delta = ["--output", str(output), "--format", "delta"]
     if refused_on_this_spark_line("--input", str(two_months), *delta):
         return
-    run_sequence(["--input", str(two_months), *delta], ["--input", str(november), *delta],
-                 ["--input", str(two_months), *delta], tmp_path=tmp_path)
+    run_sequence(
+        ["--input", str(two_months), *delta],
+        ["--input", str(november), *delta],
+        ["--input", str(two_months), *delta],
+        tmp_path=tmp_path,
+    )
     log = output / "users" / "_delta_log"
-    first_files = {action["add"]["path"] for action in map(json.loads, (log / f"{0:020}.json").read_text().splitlines())
-                   if "add" in action}
-    second_files = {action["add"]["path"] for action in map(json.loads, (log / f"{1:020}.json").read_text().splitlines())
-                    if "add" in action}
+    first_files = {
+        action["add"]["path"]
+        for action in map(json.loads, (log / f"{0:020}.json").read_text().splitlines())
+        if "add" in action
+    }
+    second_files = {
+        action["add"]["path"]
+        for action in map(json.loads, (log / f"{1:020}.json").read_text().splitlines())
+        if "add" in action
+    }
     # The first two loads happened ten days ago: their commits, the files they wrote and the
     # removal of the first load's files by the second are all dated back.
     ten_days_ago = (datetime.now(timezone.utc) - timedelta(days=10)).timestamp()
@@ -219,8 +256,11 @@ def test_old_files_are_cleaned_up_past_the_retention_period_and_never_inside_it(
         commit = log / f"{version:020}.json"
         actions = [json.loads(line) for line in commit.read_text().splitlines()]
         for action in actions:
-            for kind, stamp in (("commitInfo", "timestamp"), ("remove", "deletionTimestamp"),
-                                ("add", "modificationTime")):
+            for kind, stamp in (
+                ("commitInfo", "timestamp"),
+                ("remove", "deletionTimestamp"),
+                ("add", "modificationTime"),
+            ):
                 if kind in action:
                     action[kind][stamp] = int(ten_days_ago * 1000)
         commit.write_text("\n".join(json.dumps(action) for action in actions) + "\n")

@@ -81,15 +81,31 @@ def test_generated_dataset_holds_every_quirk(quirky_dataset):
     assert {Path(path).suffix for path in songs.read} == {".json", ".gz", ".JSON"}
     assert len(songs.skipped) == 3 and len(logs.skipped) == 4
     assert set(logs.reasons()) == {
-        "malformed JSON", "ts is not a 64-bit integer", "status is not a 32-bit integer",
-        "sessionId is not a 64-bit integer", "missing ts", "missing page", "missing userId",
-        "userId is not a number", "userId is too large for a 32-bit user_id", "NextSong event without a userId",
-        "NextSong event without sessionId or itemInSession", "several JSON values on one line",
-        "ts is outside the range of a timestamp (years 1 to 9999)", "the file cannot be decompressed as gzip"}
+        "malformed JSON",
+        "ts is not a 64-bit integer",
+        "status is not a 32-bit integer",
+        "sessionId is not a 64-bit integer",
+        "missing ts",
+        "missing page",
+        "missing userId",
+        "userId is not a number",
+        "userId is too large for a 32-bit user_id",
+        "NextSong event without a userId",
+        "NextSong event without sessionId or itemInSession",
+        "several JSON values on one line",
+        "ts is outside the range of a timestamp (years 1 to 9999)",
+        "the file cannot be decompressed as gzip",
+    }
     assert set(songs.reasons()) == {
-        "malformed JSON", "duration is not a number", "year is not a 32-bit integer", "missing song_id",
-        "missing artist_id", "several JSON values on one line", "the file cannot be decompressed as gzip",
-        "artist_id is too long for a folder name (over 255 bytes as artist_id=...)"}
+        "malformed JSON",
+        "duration is not a number",
+        "year is not a 32-bit integer",
+        "missing song_id",
+        "missing artist_id",
+        "several JSON values on one line",
+        "the file cannot be decompressed as gzip",
+        "artist_id is too long for a folder name (over 255 bytes as artist_id=...)",
+    }
 
 
 def test_every_rejected_record_is_quarantined_with_file_and_reason(quirky_dataset, two_runs):
@@ -104,8 +120,9 @@ def test_every_rejected_record_is_quarantined_with_file_and_reason(quirky_datase
 
 def test_a_line_with_two_records_is_quarantined_whole(quirky_dataset, two_runs):
     output, _ = two_runs[0]
-    (line,) = [r["record"] for r in quarantined(output, "log_data")
-               if r["reject_reason"] == "several JSON values on one line"]
+    (line,) = [
+        r["record"] for r in quarantined(output, "log_data") if r["reject_reason"] == "several JSON values on one line"
+    ]
     first, end = json.JSONDecoder().raw_decode(line)
     assert isinstance(first, dict) and isinstance(json.loads(line[end:]), dict)
 
@@ -120,7 +137,9 @@ def test_every_input_file_is_accounted_for_in_the_run_report(quirky_dataset, two
         assert facts["files_read"] == len(model.read)
         assert {(s["path"], s["reason"]) for s in facts["skipped"]} == set(model.skipped)
         assert f"{dataset}: {len(model.read):,} files read, {len(model.skipped):,} skipped" in stdout
-    listed = [json.loads(line) for line in (output / "_runs" / f"{report['run_id']}.files.jsonl").read_text().splitlines()]
+    listed = [
+        json.loads(line) for line in (output / "_runs" / f"{report['run_id']}.files.jsonl").read_text().splitlines()
+    ]
     assert sorted(entry["path"] for entry in listed if entry["read"]) == sorted(songs.read + logs.read)
     assert {(e["path"], e["reason"]) for e in listed if not e["read"]} == set(songs.skipped + logs.skipped)
     checks = {(c["table"], c["check"]): c["passed"] for c in report["checks"]}
@@ -147,6 +166,7 @@ def test_the_lake_holds_only_tables_and_underscore_folders(two_runs):
     assert not [path for path in output.rglob("*") if "_temporary" in path.name or path.name == "_staging"]
 
 
+@pytest.mark.slow
 def test_python_etl_py_without_arguments_loads_the_shipped_sample(spark, tmp_path):
     result = run_etl(cwd=tmp_path, env={"AWS_ACCESS_KEY_ID": "", "AWS_SECRET_ACCESS_KEY": ""})
     assert_loaded(result)
@@ -157,6 +177,7 @@ def test_python_etl_py_without_arguments_loads_the_shipped_sample(spark, tmp_pat
     assert result.stderr == "", result.stderr
 
 
+@pytest.mark.slow
 def test_a_clone_in_a_folder_with_spaces_and_accents_writes_where_it_is_told(spark, tmp_path):
     """The repository, its sample and the output all under names with spaces, non-ASCII
     letters and a trailing space: every path stays as given, never percent-encoded."""

@@ -19,8 +19,15 @@ from conftest import run_etl
 def clean_environment(monkeypatch, tmp_path):
     """No dl.cfg in the working folder and no AWS settings from the machine."""
     monkeypatch.chdir(tmp_path)
-    for name in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_REGION",
-                 "AWS_DEFAULT_REGION", "AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3"):
+    for name in (
+        "AWS_ACCESS_KEY_ID",
+        "AWS_SECRET_ACCESS_KEY",
+        "AWS_SESSION_TOKEN",
+        "AWS_REGION",
+        "AWS_DEFAULT_REGION",
+        "AWS_ENDPOINT_URL",
+        "AWS_ENDPOINT_URL_S3",
+    ):
         monkeypatch.delenv(name, raising=False)
 
 
@@ -34,8 +41,7 @@ def fails_with(capsys, argv: list[str], pattern: str, status: int = 1) -> str:
 
 
 def test_missing_input_root_names_the_missing_folder(capsys, tmp_path):
-    fails_with(capsys, ["--input", str(tmp_path / "nowhere")],
-               r"has no song_data/ folder\. Point --input")
+    fails_with(capsys, ["--input", str(tmp_path / "nowhere")], r"has no song_data/ folder\. Point --input")
 
 
 def test_input_without_json_files_is_refused(capsys, tmp_path):
@@ -46,8 +52,12 @@ def test_input_without_json_files_is_refused(capsys, tmp_path):
 
 
 def test_missing_config_file_is_named(capsys, tmp_path):
-    fails_with(capsys, ["--config", str(tmp_path / "absent.cfg")],
-               r"Cannot read the config file .*absent\.cfg: No such file or directory", status=2)
+    fails_with(
+        capsys,
+        ["--config", str(tmp_path / "absent.cfg")],
+        r"Cannot read the config file .*absent\.cfg: No such file or directory",
+        status=2,
+    )
 
 
 def test_config_file_that_is_not_ini_is_refused(capsys, tmp_path):
@@ -68,8 +78,12 @@ def test_key_without_secret_is_refused_without_showing_the_key(capsys, tmp_path)
 
 
 def test_unsupported_scheme_is_refused(capsys):
-    fails_with(capsys, ["--output", "hdfs://namenode/out"],
-               r"Unsupported location 'hdfs://namenode/out'.*On EMR, write to s3://", status=2)
+    fails_with(
+        capsys,
+        ["--output", "hdfs://namenode/out"],
+        r"Unsupported location 'hdfs://namenode/out'.*On EMR, write to s3://",
+        status=2,
+    )
 
 
 def test_unknown_flag_exits_with_usage(capsys):
@@ -88,6 +102,7 @@ def test_cli_failure_prints_no_stack_trace(tmp_path):
 
 # --- settings precedence: defaults < dl.cfg < environment < flags --------------
 
+
 def settings_for(argv: list[str], environ: dict) -> etl.Settings:
     return etl.resolve_settings(etl.parse_args(argv), environ)
 
@@ -103,17 +118,24 @@ def test_settings_defaults_read_the_sample_and_write_to_output(tmp_path):
 def test_settings_precedence_config_then_environment_then_flags(tmp_path):
     (tmp_path / "dl.cfg").write_text(
         "[AWS]\naws_access_key_id = CFGKEY\nAWS_SECRET_ACCESS_KEY = cfgsecret\nAWS_REGION = eu-west-1\n"
-        "[ETL]\nINPUT = s3://udacity-dend/\nOUTPUT = s3a://lake/cfg/\n")
+        "[ETL]\nINPUT = s3://udacity-dend/\nOUTPUT = s3a://lake/cfg/\n"
+    )
     from_config = settings_for([], {})
     assert (from_config.input_root, from_config.output_root) == ("s3://udacity-dend", "s3a://lake/cfg")
     assert (from_config.access_key_id, from_config.secret_access_key, from_config.region) == (
-        "CFGKEY", "cfgsecret", "eu-west-1")
+        "CFGKEY",
+        "cfgsecret",
+        "eu-west-1",
+    )
 
-    environ = {"AWS_ACCESS_KEY_ID": "ENVKEY", "AWS_SECRET_ACCESS_KEY": "envsecret",
-               "AWS_DEFAULT_REGION": "us-west-2", "AWS_ENDPOINT_URL": "http://127.0.0.1:9000"}
+    environ = {
+        "AWS_ACCESS_KEY_ID": "ENVKEY",
+        "AWS_SECRET_ACCESS_KEY": "envsecret",
+        "AWS_DEFAULT_REGION": "us-west-2",
+        "AWS_ENDPOINT_URL": "http://127.0.0.1:9000",
+    }
     from_env = settings_for([], environ)
-    assert (from_env.access_key_id, from_env.secret_access_key, from_env.session_token) == (
-        "ENVKEY", "envsecret", None)
+    assert (from_env.access_key_id, from_env.secret_access_key, from_env.session_token) == ("ENVKEY", "envsecret", None)
     assert (from_env.region, from_env.endpoint_url) == ("us-west-2", "http://127.0.0.1:9000")
 
     from_flags = settings_for(["--output", "file:///tmp/My%20lake", "--input", "in", "--format", "delta"], environ)
@@ -122,28 +144,60 @@ def test_settings_precedence_config_then_environment_then_flags(tmp_path):
 
 
 def test_settings_repr_hides_secrets():
-    settings = etl.Settings("/in", "/out", access_key_id="KEY", secret_access_key="very-secret",
-                            session_token="token-value")
+    settings = etl.Settings(
+        "/in", "/out", access_key_id="KEY", secret_access_key="very-secret", session_token="token-value"
+    )
     assert "very-secret" not in repr(settings) and "token-value" not in repr(settings)
 
 
 def test_parse_args_accepts_the_documented_flags():
-    args = etl.parse_args(["--config", "x.cfg", "--input", "i", "--output", "o", "--verbose", "--format", "delta",
-                           "--since", "2018-11-15", "--until", "2018-12-01", "--max-reject-rate", "0.05",
-                           "--catalog", "sparkify"])
-    assert args == argparse.Namespace(config="x.cfg", input="i", output="o", verbose=True, format="delta",
-                                      since=date(2018, 11, 15), until=date(2018, 12, 1),
-                                      max_reject_rate="0.05", catalog="sparkify", rollback=False,
-                                      print_packages=False, print_ddl=None)
+    args = etl.parse_args(
+        [
+            "--config",
+            "x.cfg",
+            "--input",
+            "i",
+            "--output",
+            "o",
+            "--verbose",
+            "--format",
+            "delta",
+            "--since",
+            "2018-11-15",
+            "--until",
+            "2018-12-01",
+            "--max-reject-rate",
+            "0.05",
+            "--catalog",
+            "sparkify",
+        ]
+    )
+    assert args == argparse.Namespace(
+        config="x.cfg",
+        input="i",
+        output="o",
+        verbose=True,
+        format="delta",
+        since=date(2018, 11, 15),
+        until=date(2018, 12, 1),
+        max_reject_rate="0.05",
+        catalog="sparkify",
+        rollback=False,
+        print_packages=False,
+        print_ddl=None,
+    )
 
 
-@pytest.mark.parametrize("argv, pattern", [
-    (["--max-reject-rate", "2"], r"The reject limit '2' is not a fraction between 0 and 1"),
-    (["--max-reject-rate", "lots"], r"The reject limit 'lots' is not a fraction"),
-    (["--since", "2018-12-01", "--until", "2018-11-01"], r"--since 2018-12-01 is not before --until 2018-11-01"),
-    (["--catalog", "my-db"], r"The catalog database name 'my-db' must be letters, digits and underscores"),
-    (["--rollback"], r"--rollback returns Delta tables to earlier versions; parquet tables keep no history"),
-])
+@pytest.mark.parametrize(
+    "argv, pattern",
+    [
+        (["--max-reject-rate", "2"], r"The reject limit '2' is not a fraction between 0 and 1"),
+        (["--max-reject-rate", "lots"], r"The reject limit 'lots' is not a fraction"),
+        (["--since", "2018-12-01", "--until", "2018-11-01"], r"--since 2018-12-01 is not before --until 2018-11-01"),
+        (["--catalog", "my-db"], r"The catalog database name 'my-db' must be letters, digits and underscores"),
+        (["--rollback"], r"--rollback returns Delta tables to earlier versions; parquet tables keep no history"),
+    ],
+)
 def test_bad_load_options_are_refused_before_spark_starts(capsys, argv, pattern):
     with pytest.raises(etl.UsageError, match=pattern):
         etl.resolve_settings(etl.parse_args(argv), {})
@@ -168,6 +222,7 @@ def test_unknown_config_values_are_refused(capsys, tmp_path):
 
 # --- preflight: the output can be written, and input and output stay apart --------
 
+
 def test_an_unwritable_output_is_refused_before_the_input_is_read(capsys, tmp_path):
     locked = tmp_path / "locked"
     locked.mkdir()
@@ -186,8 +241,11 @@ def test_input_and_output_may_not_overlap(capsys, tmp_path, input_part, output_p
     for dataset in ("song_data", "log_data"):
         (tmp_path / input_part / dataset).mkdir(parents=True)
         (tmp_path / input_part / dataset / "x.json").write_text("{}")
-    fails_with(capsys, ["--input", str(tmp_path / input_part), "--output", str(tmp_path / output_part)],
-               r"The input .* and the output .* overlap: a load replaces what is under its output")
+    fails_with(
+        capsys,
+        ["--input", str(tmp_path / input_part), "--output", str(tmp_path / output_part)],
+        r"The input .* and the output .* overlap: a load replaces what is under its output",
+    )
     assert not (tmp_path / "data" / "lake").exists()
 
 
@@ -196,5 +254,4 @@ def test_overlap_is_seen_through_symlinks(capsys, tmp_path):
         (tmp_path / "data" / dataset).mkdir(parents=True)
         (tmp_path / "data" / dataset / "x.json").write_text("{}")
     os.symlink(tmp_path / "data", tmp_path / "alias")
-    fails_with(capsys, ["--input", str(tmp_path / "data"), "--output", str(tmp_path / "alias" / "lake")],
-               r"overlap")
+    fails_with(capsys, ["--input", str(tmp_path / "data"), "--output", str(tmp_path / "alias" / "lake")], r"overlap")

@@ -15,22 +15,25 @@ import pytest
 import etl
 
 
-@pytest.mark.parametrize("relative, verdict", [
-    ("A/B/C/TRA.json", (None, None)),
-    ("A/B/C/TRA.JSON", (None, None)),
-    ("2018/11/day.json.gz", (None, "gzip")),
-    ("2018/11/day.Json.GZ", (None, "gzip")),
-    ("2018/11/day.json.bz2", (None, "bzip2")),
-    ("2018/11/day.json.deflate", (None, "deflate")),
-    ("2018/11/day.json.zst", ("compressed as .zst, which etl.py cannot decode (use .gz, .bz2 or .deflate)", None)),
-    ("2018/11/notes.txt", ("not a .json file", None)),
-    ("2018/11/day.json.", ("not a .json file", None)),
-    ("2018/11/day.json.gz.tmp", ("not a .json file", None)),
-    ("_SUCCESS", ("name starts with '_' (hidden or metadata file)", None)),
-    ("A/.DS_Store", ("name starts with '.' (hidden or metadata file)", None)),
-    (".git/objects/x.json", ("in the folder .git, which starts with '.'", None)),
-    ("A/_temporary/0/x.json", ("in the folder _temporary, which starts with '_'", None)),
-])
+@pytest.mark.parametrize(
+    "relative, verdict",
+    [
+        ("A/B/C/TRA.json", (None, None)),
+        ("A/B/C/TRA.JSON", (None, None)),
+        ("2018/11/day.json.gz", (None, "gzip")),
+        ("2018/11/day.Json.GZ", (None, "gzip")),
+        ("2018/11/day.json.bz2", (None, "bzip2")),
+        ("2018/11/day.json.deflate", (None, "deflate")),
+        ("2018/11/day.json.zst", ("compressed as .zst, which etl.py cannot decode (use .gz, .bz2 or .deflate)", None)),
+        ("2018/11/notes.txt", ("not a .json file", None)),
+        ("2018/11/day.json.", ("not a .json file", None)),
+        ("2018/11/day.json.gz.tmp", ("not a .json file", None)),
+        ("_SUCCESS", ("name starts with '_' (hidden or metadata file)", None)),
+        ("A/.DS_Store", ("name starts with '.' (hidden or metadata file)", None)),
+        (".git/objects/x.json", ("in the folder .git, which starts with '.'", None)),
+        ("A/_temporary/0/x.json", ("in the folder _temporary, which starts with '_'", None)),
+    ],
+)
 def test_skip_reason_reads_json_files_in_any_case_and_names_why_others_are_skipped(relative, verdict):
     assert etl.skip_reason(relative) == verdict
 
@@ -52,7 +55,8 @@ def test_local_listing_follows_symlinked_folders_and_files(tmp_path):
     inventory = etl.list_local_dataset(tmp_path / "in", "song_data")
     folder = tmp_path / "in" / "song_data"
     assert sorted(file.path for file in inventory.read) == sorted(
-        str(folder / name) for name in ("A/TRA.json", "TRC.json", "linked/C/TRB.json"))
+        str(folder / name) for name in ("A/TRA.json", "TRC.json", "linked/C/TRB.json")
+    )
     assert inventory.skipped == [(str(folder / "dangling.json"), "a symlink whose target does not exist")]
     assert inventory.found == 4
 
@@ -60,24 +64,47 @@ def test_local_listing_follows_symlinked_folders_and_files(tmp_path):
 def test_a_symlink_loop_in_the_input_is_a_clear_error(tmp_path):
     make_files(tmp_path / "in", {"song_data/A/TRA.json": b"{}"})
     os.symlink(tmp_path / "in" / "song_data", tmp_path / "in" / "song_data" / "A" / "back")
-    with pytest.raises(etl.EtlError, match=r"The input has a symlink loop: .*/song_data/A/back leads back to a "
-                                           r"folder that contains it"):
+    with pytest.raises(
+        etl.EtlError,
+        match=r"The input has a symlink loop: .*/song_data/A/back leads back to a "
+        r"folder that contains it",
+    ):
         etl.list_local_dataset(tmp_path / "in", "song_data")
 
 
 def test_fetch_files_decodes_by_extension_and_drops_a_byte_order_mark(tmp_path):
     text = b'{"a": 1}\n{"a": 2}'
-    make_files(tmp_path, {"plain.json": b"\xef\xbb\xbf" + text, "g.json.gz": gzip.compress(text),
-                          "b.json.bz2": bz2.compress(text), "d.json.deflate": zlib.compress(text),
-                          "bad.json.gz": text})
-    files = [(str(tmp_path / name), codec) for name, codec in
-             (("plain.json", None), ("g.json.gz", "gzip"), ("b.json.bz2", "bzip2"), ("d.json.deflate", "deflate"),
-              ("bad.json.gz", "gzip"))]
-    fetched = {Path(path).name: (bytes(data) if data is not None else None, error)
-               for path, data, error in etl.fetch_files(files, None)}
-    assert fetched == {"plain.json": (text, None), "g.json.gz": (text, None), "b.json.bz2": (text, None),
-                       "d.json.deflate": (text, None),
-                       "bad.json.gz": (None, "the file cannot be decompressed as gzip")}
+    make_files(
+        tmp_path,
+        {
+            "plain.json": b"\xef\xbb\xbf" + text,
+            "g.json.gz": gzip.compress(text),
+            "b.json.bz2": bz2.compress(text),
+            "d.json.deflate": zlib.compress(text),
+            "bad.json.gz": text,
+        },
+    )
+    files = [
+        (str(tmp_path / name), codec)
+        for name, codec in (
+            ("plain.json", None),
+            ("g.json.gz", "gzip"),
+            ("b.json.bz2", "bzip2"),
+            ("d.json.deflate", "deflate"),
+            ("bad.json.gz", "gzip"),
+        )
+    ]
+    fetched = {
+        Path(path).name: (bytes(data) if data is not None else None, error)
+        for path, data, error in etl.fetch_files(files, None)
+    }
+    assert fetched == {
+        "plain.json": (text, None),
+        "g.json.gz": (text, None),
+        "b.json.bz2": (text, None),
+        "d.json.deflate": (text, None),
+        "bad.json.gz": (None, "the file cannot be decompressed as gzip"),
+    }
 
 
 def test_a_file_that_cannot_be_read_fails_with_its_name(tmp_path):
@@ -86,15 +113,25 @@ def test_a_file_that_cannot_be_read_fails_with_its_name(tmp_path):
 
 
 def test_read_lines_gives_every_line_its_file_and_counts_empty_files(spark, tmp_path):
-    make_files(tmp_path, {"a.json": b'{"x": 1}\r\n\n  \n{"x": 2}', "empty.json": b"", "one.json": b'{"x": 3}',
-                          "z.json.gz": b"not gzip"})
-    files = [etl.InputFile(str(tmp_path / name), 1, codec) for name, codec in
-             (("a.json", None), ("empty.json", None), ("one.json", None), ("z.json.gz", "gzip"))]
-    rows = sorted((Path(r.source_file).name, r.line, r.error, r.first, r.is_record)
-                  for r in etl.read_lines(spark, files, None).collect())
-    assert rows == [("a.json", '{"x": 1}', None, True, True), ("a.json", '{"x": 2}', None, False, True),
-                    ("empty.json", "", None, True, False), ("one.json", '{"x": 3}', None, True, True),
-                    ("z.json.gz", None, "the file cannot be decompressed as gzip", True, True)]
+    make_files(
+        tmp_path,
+        {"a.json": b'{"x": 1}\r\n\n  \n{"x": 2}', "empty.json": b"", "one.json": b'{"x": 3}', "z.json.gz": b"not gzip"},
+    )
+    files = [
+        etl.InputFile(str(tmp_path / name), 1, codec)
+        for name, codec in (("a.json", None), ("empty.json", None), ("one.json", None), ("z.json.gz", "gzip"))
+    ]
+    rows = sorted(
+        (Path(r.source_file).name, r.line, r.error, r.first, r.is_record)
+        for r in etl.read_lines(spark, files, None).collect()
+    )
+    assert rows == [
+        ("a.json", '{"x": 1}', None, True, True),
+        ("a.json", '{"x": 2}', None, False, True),
+        ("empty.json", "", None, True, False),
+        ("one.json", '{"x": 3}', None, True, True),
+        ("z.json.gz", None, "the file cannot be decompressed as gzip", True, True),
+    ]
 
 
 def test_balanced_batches_spread_bytes_and_keep_every_file_once():
@@ -112,8 +149,9 @@ def test_load_and_classify_counts_files_and_records_and_keeps_unused_fields_out(
         '{"ts": 1541105830796, "userId": "39", "page": "Home", "auth": "Logged In", "status": 200}',
         '{"ts": 1541105830797, "userId": "39", "page": "Home", "auth": "Logged In", "status": "OK"}',
     ]
-    make_files(tmp_path / "in", {"log_data/2018-11-01-events.json": "\n".join(lines).encode(),
-                                 "log_data/empty.json": b""})
+    make_files(
+        tmp_path / "in", {"log_data/2018-11-01-events.json": "\n".join(lines).encode(), "log_data/empty.json": b""}
+    )
     inventory = etl.list_local_dataset(tmp_path / "in", "log_data")
     batch = etl.load_and_classify(spark, inventory, None, etl.classify_log_events)
     kept = [name for name in etl.LOG_SCHEMA.fieldNames() if name not in etl.UNUSED_FIELDS["log_data"]]
@@ -121,6 +159,11 @@ def test_load_and_classify_counts_files_and_records_and_keeps_unused_fields_out(
     assert [row.ts for row in batch.accepted_records.collect()] == [1541105830796]
     # The wrong type is in a field no table uses: still rejected, with the line as read.
     assert [(row.reject_reason, row.record) for row in batch.rejected_records.collect()] == [
-        ("status is not a 32-bit integer", lines[1])]
+        ("status is not a 32-bit integer", lines[1])
+    ]
     assert (batch.files_parsed, batch.records, batch.accepted, batch.rejects) == (
-        2, 2, 1, {"status is not a 32-bit integer": 1})
+        2,
+        2,
+        1,
+        {"status is not a 32-bit integer": 1},
+    )

@@ -13,8 +13,21 @@ import pytest
 
 import datagen
 import etl
-from conftest import (BAD_DATA_ALLOWED, S3_KEY, S3_REGION, S3_SECRET, all_keys, assert_loaded, create_bucket,
-                      download, free_port, run_etl, s3_client, s3_environment, upload)
+from conftest import (
+    BAD_DATA_ALLOWED,
+    S3_KEY,
+    S3_REGION,
+    S3_SECRET,
+    all_keys,
+    assert_loaded,
+    create_bucket,
+    download,
+    free_port,
+    run_etl,
+    s3_client,
+    s3_environment,
+    upload,
+)
 from oracle import expected_tables
 from tables import assert_one_file_per_partition_folder, quarantined, read_tables, run_reports
 
@@ -39,9 +52,11 @@ def s3_run(counted_s3, raw_bucket, tmp_path_factory):
     """The messy dataset loaded from one bucket into another that does not exist yet,
     through the counting proxy, with the Spark event log kept for inspection."""
     events = tmp_path_factory.mktemp("event-log")
-    env = {**s3_environment(counted_s3.endpoint),
-           "PYSPARK_SUBMIT_ARGS": f"--conf spark.eventLog.enabled=true --conf spark.eventLog.dir={events.as_uri()} "
-                                  "pyspark-shell"}
+    env = {
+        **s3_environment(counted_s3.endpoint),
+        "PYSPARK_SUBMIT_ARGS": f"--conf spark.eventLog.enabled=true --conf spark.eventLog.dir={events.as_uri()} "
+        "pyspark-shell",
+    }
     counted_s3.reset()
     result = run_etl("--input", raw_bucket, "--output", "s3://sparkify-lake/star", *BAD_DATA_ALLOWED, env=env)
     assert_loaded(result)
@@ -64,8 +79,9 @@ def test_s3_run_quarantines_each_rejected_record_with_its_object(s3_dataset, s3_
     _, songs, logs = expected_tables(s3_dataset)
     for dataset, model in (("song_data", songs), ("log_data", logs)):
         kept = Counter((r["source_file"], r["reject_reason"]) for r in quarantined(s3_lake, dataset))
-        as_keys = Counter((path.replace(str(s3_dataset), "s3a://sparkify-raw/udacity"), reason)
-                          for path, reason in model.rejects)
+        as_keys = Counter(
+            (path.replace(str(s3_dataset), "s3a://sparkify-raw/udacity"), reason) for path, reason in model.rejects
+        )
         assert kept == as_keys
 
 
@@ -98,12 +114,14 @@ def test_the_output_bucket_is_created_in_the_configured_region():
 
 
 def test_s3_output_has_one_object_per_partition_folder_and_no_stray_keys(s3_endpoint, s3_run):
-    keys = [key[len("star/"):] for key in all_keys(s3_endpoint, "sparkify-lake", "star/")]
+    keys = [key[len("star/") :] for key in all_keys(s3_endpoint, "sparkify-lake", "star/")]
     assert_one_file_per_partition_folder([key for key in keys if key.endswith(".parquet")])
-    allowed = re.compile(r"^(?:(?:songplays|users|songs|artists|time|_state/user_latest_event)/(?:.+/)?part-[^/]+"
-                         r"\.parquet|_quarantine/(?:song|log)_data/part-[^/]+\.json|_runs/[^/]+\.json(?:l)?"
-                         r"|[^/]+(?:/[^/]+)?/_SUCCESS"
-                         r"|(?:_quarantine|_state)/)$")  # S3A's zero-byte markers of the folders it made
+    allowed = re.compile(
+        r"^(?:(?:songplays|users|songs|artists|time|_state/user_latest_event)/(?:.+/)?part-[^/]+"
+        r"\.parquet|_quarantine/(?:song|log)_data/part-[^/]+\.json|_runs/[^/]+\.json(?:l)?"
+        r"|[^/]+(?:/[^/]+)?/_SUCCESS"
+        r"|(?:_quarantine|_state)/)$"
+    )  # S3A's zero-byte markers of the folders it made
     assert [key for key in keys if not allowed.match(key)] == []
     assert not any("_temporary" in key or "__magic" in key or ".pending" in key or "_lock" in key for key in keys)
     assert s3_client(s3_endpoint).list_multipart_uploads(Bucket="sparkify-lake").get("Uploads", []) == []
@@ -153,8 +171,9 @@ def test_secrets_never_appear_in_output_or_event_log(s3_run):
 @pytest.mark.slow
 def test_two_incremental_halves_on_s3_equal_a_full_load(spark, s3_endpoint, tmp_path):
     dataset = tmp_path / "two-months"
-    datagen.generate(dataset, datagen.Scale(songs=80, days=40, events_per_day=30, start=etl.date(2018, 11, 10)),
-                     seed=31)
+    datagen.generate(
+        dataset, datagen.Scale(songs=80, days=40, events_per_day=30, start=etl.date(2018, 11, 10)), seed=31
+    )
     create_bucket(s3_endpoint, "halves-raw")
     upload(s3_endpoint, dataset, "halves-raw")
     env = s3_environment(s3_endpoint)
@@ -168,6 +187,7 @@ def test_two_incremental_halves_on_s3_equal_a_full_load(spark, s3_endpoint, tmp_
 
 
 # --- preflight: clear errors before Spark starts ------------------------------
+
 
 @pytest.fixture
 def s3_env(monkeypatch, tmp_path):
@@ -191,47 +211,67 @@ def fails_before_spark(capsys, argv: list[str], pattern: str) -> None:
 
 def test_missing_input_bucket_is_named(capsys, s3_env, s3_endpoint):
     s3_env(s3_endpoint)
-    fails_before_spark(capsys, ["--input", "s3a://no-such-bucket/", "--output", "s3a://out/"],
-                       r"The bucket does not exist: cannot list s3a://no-such-bucket/song_data/")
+    fails_before_spark(
+        capsys,
+        ["--input", "s3a://no-such-bucket/", "--output", "s3a://out/"],
+        r"The bucket does not exist: cannot list s3a://no-such-bucket/song_data/",
+    )
 
 
 def test_empty_input_prefix_is_refused(capsys, s3_env, s3_endpoint):
     s3_env(s3_endpoint)
     create_bucket(s3_endpoint, "empty-raw")
-    fails_before_spark(capsys, ["--input", "s3a://empty-raw/", "--output", "s3a://out/"],
-                       r"s3a://empty-raw/song_data holds no non-empty \.json files \(0 files found")
+    fails_before_spark(
+        capsys,
+        ["--input", "s3a://empty-raw/", "--output", "s3a://out/"],
+        r"s3a://empty-raw/song_data holds no non-empty \.json files \(0 files found",
+    )
 
 
 def test_unreachable_endpoint_is_reported(capsys, s3_env):
     s3_env(f"http://127.0.0.1:{free_port()}")  # nothing listens there
-    fails_before_spark(capsys, ["--input", "s3a://raw/", "--output", "s3a://out/"],
-                       r"Cannot reach http://127\.0\.0\.1:\d+ to list s3a://raw/song_data/")
+    fails_before_spark(
+        capsys,
+        ["--input", "s3a://raw/", "--output", "s3a://out/"],
+        r"Cannot reach http://127\.0\.0\.1:\d+ to list s3a://raw/song_data/",
+    )
 
 
-@pytest.mark.parametrize("key, secret, pattern", [
-    ("AKIDNOBODYKNOWS", S3_SECRET, r"does not know the AWS access key in use.*Check AWS_ACCESS_KEY_ID"),
-    (S3_KEY, "not-the-secret", r"secret key does not match the access key.*Check AWS_SECRET_ACCESS_KEY"),
-])
-def test_wrong_credentials_get_the_servers_403_as_one_paragraph(capsys, s3_env, s3_endpoint, raw_bucket, key, secret,
-                                                               pattern):
+@pytest.mark.parametrize(
+    "key, secret, pattern",
+    [
+        ("AKIDNOBODYKNOWS", S3_SECRET, r"does not know the AWS access key in use.*Check AWS_ACCESS_KEY_ID"),
+        (S3_KEY, "not-the-secret", r"secret key does not match the access key.*Check AWS_SECRET_ACCESS_KEY"),
+    ],
+)
+def test_wrong_credentials_get_the_servers_403_as_one_paragraph(
+    capsys, s3_env, s3_endpoint, raw_bucket, key, secret, pattern
+):
     s3_env(s3_endpoint, key, secret)
     fails_before_spark(capsys, ["--input", raw_bucket, "--output", "s3a://out/"], pattern)
 
 
-@pytest.mark.parametrize("code, pattern", [
-    ("AccessDenied", r"Access denied: the AWS credentials in use may not list s3a://raw/song_data/"),
-    ("ExpiredToken", r"The AWS session token has expired"),
-])
+@pytest.mark.parametrize(
+    "code, pattern",
+    [
+        ("AccessDenied", r"Access denied: the AWS credentials in use may not list s3a://raw/song_data/"),
+        ("ExpiredToken", r"The AWS session token has expired"),
+    ],
+)
 def test_refusals_s3proxy_cannot_give_are_explained_too(capsys, s3_env, s3_error_endpoint, code, pattern):
     s3_env(s3_error_endpoint(403 if code == "AccessDenied" else 400, code))
     fails_before_spark(capsys, ["--input", "s3a://raw/", "--output", "s3a://out/"], pattern)
 
 
 def test_an_output_the_credentials_cannot_write_is_refused_before_spark(s3_error_endpoint):
-    lake = etl.S3Lake("s3a://locked-lake/star", etl.S3Access(S3_REGION, s3_error_endpoint(403, "AccessDenied"),
-                                                             S3_KEY, S3_SECRET))
-    with pytest.raises(etl.EtlError, match=r"Access denied: the AWS credentials in use may not write to bucket "
-                                           r"locked-lake"):
+    lake = etl.S3Lake(
+        "s3a://locked-lake/star", etl.S3Access(S3_REGION, s3_error_endpoint(403, "AccessDenied"), S3_KEY, S3_SECRET)
+    )
+    with pytest.raises(
+        etl.EtlError,
+        match=r"Access denied: the AWS credentials in use may not write to bucket "
+        r"locked-lake",
+    ):
         lake.probe()
 
 
@@ -241,17 +281,21 @@ def test_a_second_run_on_an_s3_output_is_refused_while_the_first_holds_it(capsys
     lake = etl.S3Lake("s3a://busy-lake/star", etl.S3Access(S3_REGION, s3_endpoint, S3_KEY, S3_SECRET))
     holder = {"run_id": "R-first", "pid": 1, "host": "elsewhere", "started_at": "2026-01-01T00:00:00+00:00"}
     with lake.lock(holder):
-        fails_before_spark(capsys, ["--input", raw_bucket, "--output", "s3a://busy-lake/star"],
-                           r"run R-first \(process 1 on elsewhere, started 2026-01-01T00:00:00\+00:00\) is loading "
-                           r"into s3a://busy-lake/star right now")
+        fails_before_spark(
+            capsys,
+            ["--input", raw_bucket, "--output", "s3a://busy-lake/star"],
+            r"run R-first \(process 1 on elsewhere, started 2026-01-01T00:00:00\+00:00\) is loading "
+            r"into s3a://busy-lake/star right now",
+        )
     assert "star/_lock" not in all_keys(s3_endpoint, "busy-lake")
 
 
 def test_a_dead_runs_s3_lock_is_taken_over(s3_endpoint):
     create_bucket(s3_endpoint, "stale-lake")
     lake = etl.S3Lake("s3a://stale-lake/star", etl.S3Access(S3_REGION, s3_endpoint, S3_KEY, S3_SECRET))
-    lake.write_json("_lock", {"run_id": "R-dead", "pid": 999999, "host": etl.socket.gethostname(),
-                              "refreshed_at": etl.utc_now()})
+    lake.write_json(
+        "_lock", {"run_id": "R-dead", "pid": 999999, "host": etl.socket.gethostname(), "refreshed_at": etl.utc_now()}
+    )
     with lake.lock({"run_id": "R-next", "pid": 1, "host": "here", "started_at": "now"}):
         assert lake.read_json("_lock")["run_id"] == "R-next"
 
@@ -259,40 +303,69 @@ def test_a_dead_runs_s3_lock_is_taken_over(s3_endpoint):
 def test_the_run_after_a_failed_s3_load_says_which_tables_it_had_replaced(tmp_path):
     lake = etl.LocalLake(str(tmp_path))
     lake.write_json(etl.JOURNAL, {"run_id": "R1", "format": "parquet", "committed": ["songs", "artists"]})
-    assert etl.recover(lake) == ["run R1 stopped while replacing tables on S3 after committing songs, artists of "
-                                 "them; this run replaces them"]
+    assert etl.recover(lake) == [
+        "run R1 stopped while replacing tables on S3 after committing songs, artists of them; this run replaces them"
+    ]
     assert not (tmp_path / etl.JOURNAL).exists()
 
 
 # --- which jars, for which Spark -------------------------------------------------
 
-@pytest.mark.parametrize("jars, version, expected", [
-    (["spark-core_2.13-4.1.4.jar", "hadoop-client-api-3.4.2.jar"], "4.1.4",
-     "org.apache.hadoop:hadoop-aws:3.4.2,org.apache.spark:spark-hadoop-cloud_2.13:4.1.2"),
-    (["spark-core_2.12-3.5.9.jar", "hadoop-client-api-3.3.4.jar"], "3.5.9",
-     "org.apache.hadoop:hadoop-aws:3.3.4,org.apache.spark:spark-hadoop-cloud_2.12:3.5.8"),
-    # spark-hadoop-cloud is published up to 4.1: newer lines take the newest one.
-    (["spark-core_2.13-4.3.0.jar", "hadoop-client-api-3.5.0.jar"], "4.3.0",
-     "org.apache.hadoop:hadoop-aws:3.5.0,org.apache.spark:spark-hadoop-cloud_2.13:4.1.2"),
-    (["spark-core_2.13-4.1.4.jar", "hadoop-client-api-3.4.2.jar", "hadoop-aws-3.4.2.jar"], "4.1.4", None),
-])
+
+@pytest.mark.parametrize(
+    "jars, version, expected",
+    [
+        (
+            ["spark-core_2.13-4.1.4.jar", "hadoop-client-api-3.4.2.jar"],
+            "4.1.4",
+            "org.apache.hadoop:hadoop-aws:3.4.2,org.apache.spark:spark-hadoop-cloud_2.13:4.1.2",
+        ),
+        (
+            ["spark-core_2.12-3.5.9.jar", "hadoop-client-api-3.3.4.jar"],
+            "3.5.9",
+            "org.apache.hadoop:hadoop-aws:3.3.4,org.apache.spark:spark-hadoop-cloud_2.12:3.5.8",
+        ),
+        # spark-hadoop-cloud is published up to 4.1: newer lines take the newest one.
+        (
+            ["spark-core_2.13-4.3.0.jar", "hadoop-client-api-3.5.0.jar"],
+            "4.3.0",
+            "org.apache.hadoop:hadoop-aws:3.5.0,org.apache.spark:spark-hadoop-cloud_2.13:4.1.2",
+        ),
+        (["spark-core_2.13-4.1.4.jar", "hadoop-client-api-3.4.2.jar", "hadoop-aws-3.4.2.jar"], "4.1.4", None),
+    ],
+)
 def test_connector_matches_the_installed_spark(jars, version, expected):
     assert etl.connector_packages(jars, version) == expected
 
 
 def test_s3a_options_carry_credentials_endpoint_and_committer():
-    settings = etl.Settings("/in", "s3a://lake", access_key_id="KEY", secret_access_key="SECRET",
-                            session_token="TOKEN", region="us-west-2", endpoint_url="http://127.0.0.1:9000")
+    settings = etl.Settings(
+        "/in",
+        "s3a://lake",
+        access_key_id="KEY",
+        secret_access_key="SECRET",
+        session_token="TOKEN",
+        region="us-west-2",
+        endpoint_url="http://127.0.0.1:9000",
+    )
     options = etl.s3a_options(settings, "directory", local_master=True)
     assert options["fs.s3a.aws.credentials.provider"] == "org.apache.hadoop.fs.s3a.TemporaryAWSCredentialsProvider"
     assert (options["fs.s3a.access.key"], options["fs.s3a.secret.key"], options["fs.s3a.session.token"]) == (
-        "KEY", "SECRET", "TOKEN")
-    assert (options["fs.s3a.endpoint"], options["fs.s3a.path.style.access"],
-            options["fs.s3a.connection.ssl.enabled"], options["fs.s3a.endpoint.region"]) == (
-        "http://127.0.0.1:9000", "true", "false", "us-west-2")
+        "KEY",
+        "SECRET",
+        "TOKEN",
+    )
+    assert (
+        options["fs.s3a.endpoint"],
+        options["fs.s3a.path.style.access"],
+        options["fs.s3a.connection.ssl.enabled"],
+        options["fs.s3a.endpoint.region"],
+    ) == ("http://127.0.0.1:9000", "true", "false", "us-west-2")
     assert options["fs.s3a.committer.name"] == "directory"
     assert options["fs.s3a.committer.staging.tmp.path"].startswith("file:/")
     assert options["fs.s3a.directory.marker.retention"] == "keep"
     default_chain = etl.s3a_options(etl.Settings("/in", "s3a://lake"), "magic", local_master=False)
-    assert not any(key.startswith(("fs.s3a.access", "fs.s3a.secret", "fs.s3a.aws.credentials")) for key in default_chain)
+    assert not any(
+        key.startswith(("fs.s3a.access", "fs.s3a.secret", "fs.s3a.aws.credentials")) for key in default_chain
+    )
     assert "fs.s3a.committer.staging.tmp.path" not in default_chain

@@ -7,6 +7,7 @@ import json
 from datetime import date, datetime, timezone
 
 import pytest
+
 import etl
 from tables import assert_frames_equal
 
@@ -16,19 +17,43 @@ NOV_30_LAST_MS = 1543622399999  # 2018-11-30 23:59:59.999 UTC, a Friday: 15:59 t
 
 def event(**fields) -> dict:
     """A logged-in NextSong event; keyword arguments override its fields."""
-    base = {name: None for name in etl.LOG_SCHEMA.fieldNames()}
-    base.update(ts=1541105830796, userId="39", firstName="Walter", lastName="Frye", gender="M",
-                level="free", location="San Francisco-Oakland-Hayward, CA", userAgent='"Mozilla/5.0"',
-                page="NextSong", song="Hello", artist="Adele", length=295.2, sessionId=38,
-                itemInSession=1, auth="Logged In", method="PUT", status=200, registration=1.5e12)
+    base = dict.fromkeys(etl.LOG_SCHEMA.fieldNames())
+    base.update(
+        ts=1541105830796,
+        userId="39",
+        firstName="Walter",
+        lastName="Frye",
+        gender="M",
+        level="free",
+        location="San Francisco-Oakland-Hayward, CA",
+        userAgent='"Mozilla/5.0"',
+        page="NextSong",
+        song="Hello",
+        artist="Adele",
+        length=295.2,
+        sessionId=38,
+        itemInSession=1,
+        auth="Logged In",
+        method="PUT",
+        status=200,
+        registration=1.5e12,
+    )
     base.update(fields)
     return base
 
 
 def song(**fields) -> dict:
-    base = {name: None for name in etl.SONG_SCHEMA.fieldNames()}
-    base.update(song_id="SOAAAAAAAAAAAAAAAA", title="Hello", artist_id="ARAAAAAAAAAAAAAAAA",
-                artist_name="Adele", artist_location="London", duration=295.2, year=2015, num_songs=1)
+    base = dict.fromkeys(etl.SONG_SCHEMA.fieldNames())
+    base.update(
+        song_id="SOAAAAAAAAAAAAAAAA",
+        title="Hello",
+        artist_id="ARAAAAAAAAAAAAAAAA",
+        artist_name="Adele",
+        artist_location="London",
+        duration=295.2,
+        year=2015,
+        num_songs=1,
+    )
     base.update(fields)
     return base
 
@@ -58,6 +83,7 @@ def utc(*parts) -> datetime:
 
 # --- users -------------------------------------------------------------------
 
+
 def test_users_table_takes_level_and_name_of_latest_event(spark):
     events = events_df(
         spark,
@@ -68,7 +94,8 @@ def test_users_table_takes_level_and_name_of_latest_event(spark):
     )
     expected = spark.createDataFrame(
         [(15, "Walter", "New", "M", "paid"), (8, "Kaylee", "Summers", "F", "paid")],
-        "user_id int, first_name string, last_name string, gender string, level string")
+        "user_id int, first_name string, last_name string, gender string, level string",
+    )
     assert_frames_equal(users_of(events), expected)
 
 
@@ -98,12 +125,14 @@ def test_users_table_breaks_ties_at_the_latest_ts_by_the_whole_record(spark):
             latest[record["userId"]] = (order, record)
     expected = spark.createDataFrame(
         [(int(user), r["firstName"], r["lastName"], r["gender"], r["level"]) for user, (_, r) in latest.items()],
-        "user_id int, first_name string, last_name string, gender string, level string")
+        "user_id int, first_name string, last_name string, gender string, level string",
+    )
     assert sorted(r["lastName"] for _, r in latest.values()) == ["B", "F"]
     assert_frames_equal(users_of(events_df(spark, *events)), expected)
 
 
 # --- songplays ---------------------------------------------------------------
+
 
 def matches_df(spark, *songs):
     return etl.song_matches(songs_df(spark, *songs))
@@ -111,8 +140,9 @@ def matches_df(spark, *songs):
 
 def test_distinct_plays_keeps_one_copy_of_a_twice_delivered_event(spark):
     play = event(ts=1541105830796, sessionId=38, itemInSession=4)
-    events = events_df(spark, play, play, event(ts=1541105830796, sessionId=38, itemInSession=5),
-                       event(page="Home", itemInSession=6))
+    events = events_df(
+        spark, play, play, event(ts=1541105830796, sessionId=38, itemInSession=5), event(page="Home", itemInSession=6)
+    )
     plays = plays_of(events)
     assert sorted(row.item_in_session for row in plays.collect()) == [4, 5]
 
@@ -122,9 +152,13 @@ def redelivered_events() -> list[dict]:
     plus a non-play event sharing a play's key."""
     return [
         event(itemInSession=1),
-        event(itemInSession=2), event(itemInSession=2),
-        event(itemInSession=3, level="paid", userAgent='"B"'), event(itemInSession=3, level="free", userAgent='"A"'),
-        event(itemInSession=4, ts=7), event(itemInSession=4, ts=7, song="Zeta"), event(itemInSession=4, ts=7),
+        event(itemInSession=2),
+        event(itemInSession=2),
+        event(itemInSession=3, level="paid", userAgent='"B"'),
+        event(itemInSession=3, level="free", userAgent='"A"'),
+        event(itemInSession=4, ts=7),
+        event(itemInSession=4, ts=7, song="Zeta"),
+        event(itemInSession=4, ts=7),
         event(itemInSession=4, ts=8),
         event(itemInSession=1, page="Home"),
         event(userId="40", itemInSession=1),
@@ -146,8 +180,11 @@ def test_distinct_plays_sorts_only_repeated_plays_and_keeps_the_same_copies(spar
     events = redelivered_events()
     frame = events_df(spark, *events).repartition(3)
     repeated = etl.repeated_plays(etl.next_song_plays(frame))
-    assert sorted(tuple(row) for row in repeated.collect()) == [(39, 38, 2, 1541105830796, 2),
-                                                               (39, 38, 3, 1541105830796, 2), (39, 38, 4, 7, 3)]
+    assert sorted(tuple(row) for row in repeated.collect()) == [
+        (39, 38, 2, 1541105830796, 2),
+        (39, 38, 3, 1541105830796, 2),
+        (39, 38, 4, 7, 3),
+    ]
     fast, full = plays_of(frame, repeated), plays_of(frame)
     assert fast.dtypes == full.dtypes
     assert sorted(tuple(row) for row in fast.collect()) == expected_distinct_plays(events)
@@ -170,41 +207,59 @@ def test_songplays_table_picks_smallest_song_id_when_several_songs_match(spark):
         song(song_id="SOCCCCCCCCCCCCCCCC", artist_id="ARCCCCCCCCCCCCCCCC", duration=100.0),
     )
     plays = plays_of(events_df(spark, event()))
-    row, = etl.songplays_table(plays, matches).collect()
+    (row,) = etl.songplays_table(plays, matches).collect()
     assert (row.song_id, row.artist_id) == ("SOBBBBBBBBBBBBBBBB", "ARBBBBBBBBBBBBBBBB")
 
 
 def test_songplays_table_keeps_unmatched_play_with_null_song_and_artist(spark):
     matches = matches_df(spark, song())
-    plays = plays_of(events_df(
-        spark,
-        event(itemInSession=1, song="Hello", artist="Adele", length=295.21),  # duration differs
-        event(itemInSession=2, song="Hello", artist="ADELE", length=295.2),  # artist differs
-        event(itemInSession=3, song=None, artist=None, length=None),
-    ))
+    plays = plays_of(
+        events_df(
+            spark,
+            event(itemInSession=1, song="Hello", artist="Adele", length=295.21),  # duration differs
+            event(itemInSession=2, song="Hello", artist="ADELE", length=295.2),  # artist differs
+            event(itemInSession=3, song=None, artist=None, length=None),
+        )
+    )
     rows = etl.songplays_table(plays, matches).collect()
     assert len(rows) == 3
     assert {(row.song_id, row.artist_id) for row in rows} == {(None, None)}
 
 
 def test_songplays_table_matches_numeric_title_read_as_text(spark):
-    songs = parsed_songs(spark, '{"song_id": "SO66AAAAAAAAAAAAAA", "title": 66, "artist_id": "ARNNNNNNNNNNNNNNNN", '
-                                '"artist_name": 311, "duration": 220.3424, "year": 0, "num_songs": 1}')
+    songs = parsed_songs(
+        spark,
+        '{"song_id": "SO66AAAAAAAAAAAAAA", "title": 66, "artist_id": "ARNNNNNNNNNNNNNNNN", '
+        '"artist_name": 311, "duration": 220.3424, "year": 0, "num_songs": 1}',
+    )
     plays = plays_of(events_df(spark, event(song="66", artist="311", length=220.3424)))
-    row, = etl.songplays_table(plays, etl.song_matches(songs)).collect()
+    (row,) = etl.songplays_table(plays, etl.song_matches(songs)).collect()
     assert row.song_id == "SO66AAAAAAAAAAAAAA"
 
 
 def test_songplays_table_has_spec_columns_and_deterministic_id(spark):
-    plays = plays_of(events_df(spark, event(userId="39", sessionId=38, itemInSession=1,
-                                                      ts=NOV_30_LAST_MS)))
+    plays = plays_of(events_df(spark, event(userId="39", sessionId=38, itemInSession=1, ts=NOV_30_LAST_MS)))
     table = etl.songplays_table(plays, matches_df(spark, song()))
     expected_id = hashlib.md5(f"39|38|1|{NOV_30_LAST_MS}".encode()).hexdigest()
     expected = spark.createDataFrame(
-        [(expected_id, utc(2018, 11, 30, 23, 59, 59, 999000), 39, "free", "SOAAAAAAAAAAAAAAAA",
-          "ARAAAAAAAAAAAAAAAA", 38, "San Francisco-Oakland-Hayward, CA", '"Mozilla/5.0"', 2018, 11)],
+        [
+            (
+                expected_id,
+                utc(2018, 11, 30, 23, 59, 59, 999000),
+                39,
+                "free",
+                "SOAAAAAAAAAAAAAAAA",
+                "ARAAAAAAAAAAAAAAAA",
+                38,
+                "San Francisco-Oakland-Hayward, CA",
+                '"Mozilla/5.0"',
+                2018,
+                11,
+            )
+        ],
         "songplay_id string, start_time timestamp, user_id int, level string, song_id string, "
-        "artist_id string, session_id long, location string, user_agent string, year int, month int")
+        "artist_id string, session_id long, location string, user_agent string, year int, month int",
+    )
     assert_frames_equal(table, expected)
 
 
@@ -219,19 +274,26 @@ def test_songplay_id_does_not_depend_on_partitioning(spark):
 
 # --- time --------------------------------------------------------------------
 
+
 @pytest.mark.parametrize("session_zone", ["UTC", "America/Los_Angeles", "Asia/Kolkata"])
 def test_time_table_parts_are_utc_whatever_the_session_time_zone(spark, session_zone):
     songplays = spark.createDataFrame(
-        [(utc(2018, 11, 30, 23, 59, 59, 999000),),  # Friday, last millisecond of the day
-         (utc(2018, 12, 31, 23, 59, 59, 500000),),  # Monday, ISO week 1 of 2019
-         (utc(2018, 11, 4, 0, 0, 0),),  # Sunday, first instant of the day
-         (utc(2018, 11, 4, 0, 0, 0),)],  # the same start_time twice: one row
-        "start_time timestamp")
+        [
+            (utc(2018, 11, 30, 23, 59, 59, 999000),),  # Friday, last millisecond of the day
+            (utc(2018, 12, 31, 23, 59, 59, 500000),),  # Monday, ISO week 1 of 2019
+            (utc(2018, 11, 4, 0, 0, 0),),  # Sunday, first instant of the day
+            (utc(2018, 11, 4, 0, 0, 0),),
+        ],  # the same start_time twice: one row
+        "start_time timestamp",
+    )
     expected = spark.createDataFrame(
-        [(utc(2018, 11, 30, 23, 59, 59, 999000), 23, 30, 48, 11, 2018, 5),
-         (utc(2018, 12, 31, 23, 59, 59, 500000), 23, 31, 1, 12, 2018, 1),
-         (utc(2018, 11, 4, 0, 0, 0), 0, 4, 44, 11, 2018, 7)],
-        "start_time timestamp, hour int, day int, week int, month int, year int, weekday int")
+        [
+            (utc(2018, 11, 30, 23, 59, 59, 999000), 23, 30, 48, 11, 2018, 5),
+            (utc(2018, 12, 31, 23, 59, 59, 500000), 23, 31, 1, 12, 2018, 1),
+            (utc(2018, 11, 4, 0, 0, 0), 0, 4, 44, 11, 2018, 7),
+        ],
+        "start_time timestamp, hour int, day int, week int, month int, year int, weekday int",
+    )
     previous = spark.conf.get("spark.sql.session.timeZone")
     spark.conf.set("spark.sql.session.timeZone", session_zone)
     try:
@@ -242,13 +304,18 @@ def test_time_table_parts_are_utc_whatever_the_session_time_zone(spark, session_
 
 # --- songs and artists -------------------------------------------------------
 
+
 def test_songs_table_has_one_row_per_song_id(spark):
-    songs = songs_df(spark, song(), song(title="Hello (remaster)"),
-                     song(song_id="SOBBBBBBBBBBBBBBBB", title="66", year=0))
+    songs = songs_df(
+        spark, song(), song(title="Hello (remaster)"), song(song_id="SOBBBBBBBBBBBBBBBB", title="66", year=0)
+    )
     expected = spark.createDataFrame(
-        [("SOAAAAAAAAAAAAAAAA", "Hello", "ARAAAAAAAAAAAAAAAA", 2015, 295.2),
-         ("SOBBBBBBBBBBBBBBBB", "66", "ARAAAAAAAAAAAAAAAA", 0, 295.2)],
-        "song_id string, title string, artist_id string, year int, duration double")
+        [
+            ("SOAAAAAAAAAAAAAAAA", "Hello", "ARAAAAAAAAAAAAAAAA", 2015, 295.2),
+            ("SOBBBBBBBBBBBBBBBB", "66", "ARAAAAAAAAAAAAAAAA", 0, 295.2),
+        ],
+        "song_id string, title string, artist_id string, year int, duration double",
+    )
     assert_frames_equal(etl.songs_table(songs), expected)
 
 
@@ -256,28 +323,49 @@ def test_artists_table_takes_every_column_from_one_record(spark):
     songs = songs_df(
         spark,
         # The smallest song_id has a name but no location or coordinates.
-        song(song_id="SOA", artist_id="AR1", artist_name="Prince", artist_location="",
-             artist_latitude=None, artist_longitude=None),
+        song(
+            song_id="SOA",
+            artist_id="AR1",
+            artist_name="Prince",
+            artist_location="",
+            artist_latitude=None,
+            artist_longitude=None,
+        ),
         # Two complete records with different spellings: the smaller song_id wins whole.
-        song(song_id="SOC", artist_id="AR1", artist_name="Prince & The Revolution",
-             artist_location="Minneapolis, MN", artist_latitude=44.97, artist_longitude=-93.26),
-        song(song_id="SOB", artist_id="AR1", artist_name="Prince and the New Power Generation",
-             artist_location="Minnesota", artist_latitude=46.0, artist_longitude=-94.0),
+        song(
+            song_id="SOC",
+            artist_id="AR1",
+            artist_name="Prince & The Revolution",
+            artist_location="Minneapolis, MN",
+            artist_latitude=44.97,
+            artist_longitude=-93.26,
+        ),
+        song(
+            song_id="SOB",
+            artist_id="AR1",
+            artist_name="Prince and the New Power Generation",
+            artist_location="Minnesota",
+            artist_latitude=46.0,
+            artist_longitude=-94.0,
+        ),
         song(song_id="SOD", artist_id="AR2", artist_name="311", artist_location=None),
     )
     expected = spark.createDataFrame(
-        [("AR1", "Prince and the New Power Generation", "Minnesota", 46.0, -94.0),
-         ("AR2", "311", None, None, None)],
-        "artist_id string, name string, location string, latitude double, longitude double")
+        [("AR1", "Prince and the New Power Generation", "Minnesota", 46.0, -94.0), ("AR2", "311", None, None, None)],
+        "artist_id string, name string, location string, latitude double, longitude double",
+    )
     assert_frames_equal(etl.artists_table(songs), expected)
 
 
 # --- classifying records ---------------------------------------------------------
 
+
 def lines_df(spark, *lines: str, source: str = "/in/2018-11-01-events.json"):
     """Lines as read_lines yields them: every line a record of one file."""
     rows = [(source, None, line, index == 0, True) for index, line in enumerate(lines)]
-    return spark.createDataFrame(rows, "source_file string, error string, line string, first boolean, is_record boolean")
+    return spark.createDataFrame(
+        rows, "source_file string, error string, line string, first boolean, is_record boolean"
+    )
 
 
 def parsed_songs(spark, *lines: str):
@@ -285,8 +373,12 @@ def parsed_songs(spark, *lines: str):
 
 
 def reasons(classified) -> dict[str, str | None]:
-    return {row.line_text: row.reject_reason for row in classified.select(
-        etl.F.coalesce("record", etl.F.lit("(accepted)")).alias("line_text"), "reject_reason").collect()}
+    return {
+        row.line_text: row.reject_reason
+        for row in classified.select(
+            etl.F.coalesce("record", etl.F.lit("(accepted)")).alias("line_text"), "reject_reason"
+        ).collect()
+    }
 
 
 def classify_logs(spark, *lines: str):
@@ -302,22 +394,17 @@ def test_classify_log_events_names_the_field_and_the_problem(spark):
         '{"ts": 1541105830796, "userId": "39", "page": "Home", "status": "OK"}': "status is not a 32-bit integer",
         '{"ts": 1541105830796, "userId": "39", "page": "NextSong", "length": "long"}': "length is not a number",
         '{"ts": 1541105830796, "userId": "39", "page": "Home", "sessionId": 1.5}': "sessionId is not a 64-bit integer",
-        '{"ts": 1541105830796, "userId": "39", "page": "Home"} {"ts": 1541105830797, "userId": "39", "page": "Home"}':
-            "several JSON values on one line",
+        '{"ts": 1541105830796, "userId": "39", "page": "Home"} {"ts": 1541105830797, "userId": "39", "page": "Home"}': "several JSON values on one line",
         '{"ts": 1541105830796, "userId": "39", "page": "Home"}, 7': "several JSON values on one line",
-        '{"ts": 10000000000000000, "userId": "39", "page": "Home"}':
-            "ts is outside the range of a timestamp (years 1 to 9999)",
-        '{"ts": -62135596800001, "userId": "39", "page": "Home"}':
-            "ts is outside the range of a timestamp (years 1 to 9999)",
+        '{"ts": 10000000000000000, "userId": "39", "page": "Home"}': "ts is outside the range of a timestamp (years 1 to 9999)",
+        '{"ts": -62135596800001, "userId": "39", "page": "Home"}': "ts is outside the range of a timestamp (years 1 to 9999)",
         '{"userId": "39", "page": "Home"}': "missing ts",
         '{"ts": 1541105830796, "userId": "39"}': "missing page",
         '{"ts": 1541105830796, "page": "Home"}': "missing userId",
         '{"ts": 1541105830796, "userId": "guest-7", "page": "Home"}': "userId is not a number",
         '{"ts": 1541105830796, "userId": "2147483648", "page": "Home"}': "userId is too large for a 32-bit user_id",
-        '{"ts": 1541105830796, "userId": "", "page": "NextSong", "sessionId": 1, "itemInSession": 0}':
-            "NextSong event without a userId",
-        '{"ts": 1541105830796, "userId": "39", "page": "NextSong", "itemInSession": 0}':
-            "NextSong event without sessionId or itemInSession",
+        '{"ts": 1541105830796, "userId": "", "page": "NextSong", "sessionId": 1, "itemInSession": 0}': "NextSong event without a userId",
+        '{"ts": 1541105830796, "userId": "39", "page": "NextSong", "itemInSession": 0}': "NextSong event without sessionId or itemInSession",
     }
     classified = classify_logs(spark, *cases)
     rejected = {line: reason for line, reason in reasons(classified).items() if line != "(accepted)"}
@@ -327,8 +414,13 @@ def test_classify_log_events_names_the_field_and_the_problem(spark):
 
 
 def test_a_user_id_is_the_integer_value_of_user_id_whatever_its_spelling(spark):
-    classified = classify_logs(spark, *[f'{{"ts": {ts}, "userId": "{user}", "page": "Home"}}'
-                                        for ts, user in ((1, "19"), (2, "019"), (3, "0000000019"), (4, ""))])
+    classified = classify_logs(
+        spark,
+        *[
+            f'{{"ts": {ts}, "userId": "{user}", "page": "Home"}}'
+            for ts, user in ((1, "19"), (2, "019"), (3, "0000000019"), (4, ""))
+        ],
+    )
     accepted = etl.accepted_records(classified)
     assert sorted((row.ts, row.user_id) for row in accepted.collect()) == [(1, 19), (2, 19), (3, 19), (4, None)]
     assert [row.user_id for row in users_of(accepted).collect()] == [19]
@@ -340,9 +432,15 @@ def test_classify_song_records_refuses_partition_values_no_folder_can_hold(spark
 
     fits = "AR" + "x" * (255 - len("artist_id=") - 2)  # exactly 255 bytes as a folder name
     escaped = "AR" + "/" * 81  # each / is written as %2F: 10 + 2 + 243 bytes
-    cases = {song_line(fits): None, song_line(fits + "x"): "too long", song_line("AR" + "é" * 121): None,
-             song_line("AR" + "é" * 122): "too long", song_line(escaped): None, song_line(escaped + "/"): "too long",
-             song_line(" "): "missing artist_id"}
+    cases = {
+        song_line(fits): None,
+        song_line(fits + "x"): "too long",
+        song_line("AR" + "é" * 121): None,
+        song_line("AR" + "é" * 122): "too long",
+        song_line(escaped): None,
+        song_line(escaped + "/"): "too long",
+        song_line(" "): "missing artist_id",
+    }
     classified = etl.classify_song_records(etl.parse_records(lines_df(spark, *cases), etl.SONG_SCHEMA))
     found = {line: reason for line, reason in reasons(classified).items() if line != "(accepted)"}
     expected = {line: reason for line, reason in cases.items() if reason}
@@ -350,15 +448,20 @@ def test_classify_song_records_refuses_partition_values_no_folder_can_hold(spark
 
 
 def test_a_blank_first_line_counts_its_file_but_no_record(spark):
-    rows = [("/in/empty.json", None, "", True, False), ("/in/a.json", None, '{"song_id": "S", "artist_id": "A"}',
-                                                         True, True)]
-    lines = spark.createDataFrame(rows, "source_file string, error string, line string, first boolean, is_record boolean")
+    rows = [
+        ("/in/empty.json", None, "", True, False),
+        ("/in/a.json", None, '{"song_id": "S", "artist_id": "A"}', True, True),
+    ]
+    lines = spark.createDataFrame(
+        rows, "source_file string, error string, line string, first boolean, is_record boolean"
+    )
     classified = etl.classify_song_records(etl.parse_records(lines, etl.SONG_SCHEMA))
     assert [row.song_id for row in etl.accepted_records(classified).collect()] == ["S"]
     assert etl.quarantine_records(classified).count() == 0
 
 
 # --- incremental loads: the window and the merge ------------------------------------
+
 
 def play_row(ts_ms: int, play_id: str) -> tuple:
     moment = datetime.fromtimestamp(ts_ms / 1000, tz=UTC)
@@ -375,8 +478,9 @@ DAY = 86_400_000
 
 
 def test_replace_window_keeps_rows_outside_the_window_and_takes_the_new_ones_inside(spark):
-    existing = songplays_df(spark, play_row(NOV_25 - 1, "before"), play_row(NOV_25, "inside-old"),
-                            play_row(DEC_01 + DAY, "december-old"))
+    existing = songplays_df(
+        spark, play_row(NOV_25 - 1, "before"), play_row(NOV_25, "inside-old"), play_row(DEC_01 + DAY, "december-old")
+    )
     fresh = songplays_df(spark, play_row(NOV_25 + 5, "inside-new"))
     since, until = date(2018, 11, 25), date(2018, 12, 1)
     kept = etl.replace_window(existing, fresh, since, until)
@@ -395,12 +499,15 @@ def test_a_window_that_removes_every_row_of_a_month_still_touches_that_month(spa
     assert {(row.year, row.month) for row in rows.collect()} == {(2018, 11)}  # December is left empty
 
 
-@pytest.mark.parametrize("since, until, months", [
-    (date(2018, 11, 25), date(2018, 12, 1), [(2018, 11)]),
-    (date(2018, 11, 25), date(2018, 12, 2), [(2018, 11), (2018, 12)]),
-    (None, date(2018, 11, 1), [(2018, 10)]),
-    (date(2018, 12, 31), None, [(2018, 12), (2019, 1)]),
-])
+@pytest.mark.parametrize(
+    "since, until, months",
+    [
+        (date(2018, 11, 25), date(2018, 12, 1), [(2018, 11)]),
+        (date(2018, 11, 25), date(2018, 12, 2), [(2018, 11), (2018, 12)]),
+        (None, date(2018, 11, 1), [(2018, 10)]),
+        (date(2018, 12, 31), None, [(2018, 12), (2019, 1)]),
+    ],
+)
 def test_months_of_window_selects_the_partitions_a_window_can_reach(spark, since, until, months):
     frame = spark.createDataFrame([(2018, 10), (2018, 11), (2018, 12), (2019, 1)], "year int, month int")
     assert sorted(tuple(row) for row in frame.where(etl.months_of_window(since, until)).collect()) == months
@@ -408,10 +515,15 @@ def test_months_of_window_selects_the_partitions_a_window_can_reach(spark, since
 
 def test_merge_latest_user_events_keeps_the_later_event_whichever_run_saw_it(spark):
     columns = etl.USER_STATE.schema
-    earlier = spark.createDataFrame([(15, 3000, 1, 1, "A", "Old", "F", "paid"), (8, 100, 1, 1, "K", "S", "F", "free")],
-                                    columns)
-    latest = spark.createDataFrame([(15, 2000, 9, 9, "A", "New", "F", "free"), (20, 50, 1, 1, "N", "W", "M", "free")],
-                                   columns)
+    earlier = spark.createDataFrame(
+        [(15, 3000, 1, 1, "A", "Old", "F", "paid"), (8, 100, 1, 1, "K", "S", "F", "free")], columns
+    )
+    latest = spark.createDataFrame(
+        [(15, 2000, 9, 9, "A", "New", "F", "free"), (20, 50, 1, 1, "N", "W", "M", "free")], columns
+    )
     merged = etl.merge_latest_user_events(earlier, latest)
     assert sorted((row.user_id, row.lastName, row.level) for row in merged.collect()) == [
-        (8, "S", "free"), (15, "Old", "paid"), (20, "W", "free")]
+        (8, "S", "free"),
+        (15, "Old", "paid"),
+        (20, "W", "free"),
+    ]
