@@ -564,7 +564,9 @@ def main(argv: list[str] | None = None) -> int:
             f"Measured {document['measured_at'][:10]} with pyspark {pyspark.__version__} on {os.cpu_count()} cores "
             f"(`python benchmark.py{' --s3' if args.s3 else ''}"
             f"{' --format delta' if args.format == 'delta' else ''}"
-            f"{''.join(f' --scale {s.name}' for s in scales)}`):\n\n{text}",
+            f"{''.join(f' --scale {s.name}' for s in scales)}"
+            f"{f' --runs {args.runs}' if args.runs != 3 else ''}"
+            f"{f' --delays {args.delays}' if args.s3 and args.delays != '0,20' else ''}`):\n\n{text}",
         )
     print(f"\nresults: {output}")
     return 0

@@ -7,6 +7,7 @@ import os
 import socket
 import subprocess
 import sys
+import tempfile
 import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -26,6 +27,14 @@ import locals3  # noqa: E402
 # The machine clock of every JVM and Python process in the tests runs in a zone far
 # from UTC, so a time part that leaks the local zone shows up as a wrong hour or day.
 NON_UTC_ZONE = "America/Los_Angeles"
+# Test JVMs live for seconds to a minute: the quick (C1) compiler alone and the serial
+# collector cost them much less CPU than the full JIT's compile threads. The session below
+# sets them itself; etl.py and spark-submit in subprocesses read them from SPARK_CONF_DIR.
+TEST_JVM_OPTIONS = "-XX:TieredStopAtLevel=1 -XX:+UseSerialGC"
+if "SPARK_CONF_DIR" not in os.environ:
+    _conf_dir = Path(tempfile.mkdtemp(prefix="sparkify-tests-spark-conf-"))
+    (_conf_dir / "spark-defaults.conf").write_text(f"spark.driver.extraJavaOptions {TEST_JVM_OPTIONS}\n")
+    os.environ["SPARK_CONF_DIR"] = str(_conf_dir)
 # The generated messy datasets quarantine a few percent of their records on purpose:
 # above the default limit, so the runs that load them raise it.
 BAD_DATA_ALLOWED = ("--max-reject-rate", "0.1")
@@ -41,7 +50,7 @@ def spark() -> SparkSession:
         .config("spark.ui.enabled", "false")
         .config("spark.ui.showConsoleProgress", "false")
         .config("spark.sql.session.timeZone", "UTC")
-        .config("spark.driver.extraJavaOptions", f"-Duser.timezone={NON_UTC_ZONE}")
+        .config("spark.driver.extraJavaOptions", f"-Duser.timezone={NON_UTC_ZONE} {TEST_JVM_OPTIONS}")
         .getOrCreate()
     )
     session.sparkContext.setLogLevel("ERROR")

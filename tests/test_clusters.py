@@ -56,27 +56,6 @@ def tasks_run_per_worker(cluster: StandaloneCluster) -> dict[str, int]:
     }
 
 
-def test_standalone_cluster_runs_etl_on_local_files(spark, standalone, quirky_dataset, tmp_path):
-    output = tmp_path / "lake"
-    result = spark_submit(
-        standalone.master_url,
-        ETL,
-        "--input",
-        str(quirky_dataset),
-        "--output",
-        str(output),
-        *BAD_DATA_ALLOWED,
-        env=cluster_environment(),
-    )
-    assert_succeeded(result)
-    assert "Sparkify ETL finished" in result.stdout
-    assert_matches_oracle(spark, quirky_dataset, output)
-    assert_one_file_per_partition_folder(local_data_files(output))
-    # The work ran in executors both workers launched, not in the driver.
-    tasks = tasks_run_per_worker(standalone)
-    assert len(tasks) == 2 and all(tasks.values()), tasks
-
-
 @pytest.fixture(scope="module")
 def small_s3_dataset(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("cluster-s3-input")
@@ -85,8 +64,8 @@ def small_s3_dataset(tmp_path_factory) -> Path:
 
 
 def test_standalone_cluster_runs_etl_on_s3a(spark, standalone, s3_endpoint, small_s3_dataset, tmp_path):
-    """Executors fetch the input from S3 themselves; the tables go out through the magic
-    committer, which needs no filesystem shared by the driver and the workers."""
+    """Executors on both workers fetch the input from S3 themselves; the tables go out
+    through the magic committer, which needs no filesystem shared by driver and workers."""
     create_bucket(s3_endpoint, "cluster-raw")
     upload(s3_endpoint, small_s3_dataset, "cluster-raw")
     result = spark_submit(
@@ -104,6 +83,9 @@ def test_standalone_cluster_runs_etl_on_s3a(spark, standalone, s3_endpoint, smal
     lake = download(s3_endpoint, "cluster-lake", "star/", tmp_path / "lake")
     assert_matches_oracle(spark, small_s3_dataset, lake)
     assert '"s3a_committer": "magic"' in next((lake / "_runs").glob("*.json")).read_text()
+    # The work ran in executors both workers launched, not in the driver.
+    tasks = tasks_run_per_worker(standalone)
+    assert len(tasks) == 2 and all(tasks.values()), tasks
 
 
 # --- YARN ----------------------------------------------------------------------
