@@ -28,9 +28,11 @@ import locals3  # noqa: E402
 # from UTC, so a time part that leaks the local zone shows up as a wrong hour or day.
 NON_UTC_ZONE = "America/Los_Angeles"
 # Test JVMs live for seconds to a minute: the quick (C1) compiler alone and the serial
-# collector cost them much less CPU than the full JIT's compile threads. The session below
-# sets them itself; etl.py and spark-submit in subprocesses read them from SPARK_CONF_DIR.
-TEST_JVM_OPTIONS = "-XX:TieredStopAtLevel=1 -XX:+UseSerialGC"
+# collector cost them much less CPU than the full JIT's compile threads. C1 alone gets a
+# 48 MB code cache, which several Delta loads in one JVM fill: it gets the usual 240 MB.
+# The session below sets them itself; etl.py and spark-submit in subprocesses read them
+# from SPARK_CONF_DIR.
+TEST_JVM_OPTIONS = "-XX:TieredStopAtLevel=1 -XX:ReservedCodeCacheSize=240m -XX:+UseSerialGC"
 if "SPARK_CONF_DIR" not in os.environ:
     _conf_dir = Path(tempfile.mkdtemp(prefix="sparkify-tests-spark-conf-"))
     (_conf_dir / "spark-defaults.conf").write_text(f"spark.driver.extraJavaOptions {TEST_JVM_OPTIONS}\n")
