@@ -191,39 +191,16 @@ def test_registered_tables_are_queried_by_name_from_a_later_session(two_month_in
     cwd = tmp_path / "analyst"
     cwd.mkdir()
     lake = tmp_path / "lake"
+    flags = ("--input", str(two_month_input), "--output", str(lake), "--catalog", "sparkify")
     for _ in range(2):  # registering twice leaves one definition per table
-        assert_loaded(
-            run_etl(
-                "--input",
-                str(two_month_input),
-                "--output",
-                str(lake),
-                "--until",
-                "2018-12-01",
-                "--catalog",
-                "sparkify",
-                cwd=cwd,
-            )
-        )
+        assert_loaded(run_etl(*flags, "--until", "2018-12-01", cwd=cwd))
     found = later_session(cwd, "sparkify")
     november = rows_of_window(two_month_input, until="2018-12-01")
     assert found["tables"] == sorted(TABLES)
     assert found["counts"] == november
     assert found["songplays_partitions"] == 1
 
-    assert_loaded(
-        run_etl(
-            "--input",
-            str(two_month_input),
-            "--output",
-            str(lake),
-            "--since",
-            "2018-12-01",
-            "--catalog",
-            "sparkify",
-            cwd=cwd,
-        )
-    )
+    assert_loaded(run_etl(*flags, "--since", "2018-12-01", cwd=cwd))
     found = later_session(cwd, "sparkify")
     assert found["counts"] == rows_of(two_month_input)
     assert found["songplays_partitions"] == 2, "the incremental load's new month was not registered"
