@@ -37,6 +37,14 @@ from pathlib import Path
 
 import datagen
 import locals3
+from sparkify_etl.extract import parse_records, read_lines
+from sparkify_etl.inputs import inventory_input
+from sparkify_etl.jars import ivy_settings_file, session_packages
+from sparkify_etl.s3 import S3Access
+from sparkify_etl.s3a import s3a_options
+from sparkify_etl.session import build_spark_session
+from sparkify_etl.settings import Settings, to_root
+from sparkify_etl.tables import DATASETS
 
 HERE = Path(__file__).resolve().parent
 PERFORMANCE = HERE / "docs" / "PERFORMANCE.md"
@@ -145,14 +153,13 @@ def written_files(output: Path) -> dict[str, dict[str, int]]:
 def floor_job(input_root: str, output_root: str) -> None:
     """Run in a fresh process by ``--floor``: etl.py's session and reader, no transforms,
     no partitioning, no checks."""
-    import etl
 
-    settings = etl.Settings(etl.to_root(input_root), etl.to_root(output_root))
-    inventories = etl.inventory_input(settings)
-    spark = etl.build_spark_session(settings, verbose=False)
+    settings = Settings(to_root(input_root), to_root(output_root))
+    inventories = inventory_input(settings)
+    spark = build_spark_session(settings, verbose=False)
     try:
         for dataset, inventory in inventories.items():
-            records = etl.parse_records(etl.read_lines(spark, inventory.read, None), etl.DATASETS[dataset])
+            records = parse_records(read_lines(spark, inventory.read, None), DATASETS[dataset])
             records.write.mode("overwrite").parquet(f"file://{settings.output_root}/{dataset}")
     finally:
         spark.stop()
@@ -337,9 +344,8 @@ def _cmdline(pid: int) -> str:
 
 
 def _access(endpoint: str):
-    import etl
 
-    return etl.S3Access("us-east-1", endpoint, KEY, SECRET)
+    return S3Access("us-east-1", endpoint, KEY, SECRET)
 
 
 def _environment(endpoint: str) -> dict[str, str]:
@@ -416,14 +422,12 @@ def measure_levers(work: Path, folders: int = 200) -> str:
     settings with that lever changed alone; requests counted at the S3 server."""
     from pyspark.sql import SparkSession
 
-    import etl
-
     with (
         locals3.s3proxy(work / "s3" / "data", access_key=KEY, secret_key=SECRET) as endpoint,
         locals3.LatencyProxy(endpoint, 0) as proxy,
     ):
         client = _access(endpoint).client(4)
-        settings = etl.Settings(
+        settings = Settings(
             input_root="",
             output_root="s3a://bench-levers",
             access_key_id=KEY,
@@ -433,8 +437,8 @@ def measure_levers(work: Path, folders: int = 200) -> str:
         )
         builder = SparkSession.builder.master("local[2]").config("spark.ui.showConsoleProgress", "false")
         for key, value in {
-            **etl.session_packages(settings, local_jvm=True),
-            "spark.jars.ivySettings": etl.ivy_settings_file(),
+            **session_packages(settings, local_jvm=True),
+            "spark.jars.ivySettings": ivy_settings_file(),
         }.items():
             builder = builder.config(key, value)
         spark = builder.getOrCreate()
@@ -456,7 +460,7 @@ def measure_levers(work: Path, folders: int = 200) -> str:
             # A bucket per lever: S3A reads its filesystem-wide settings once per bucket.
             bucket = f"bench-levers-{time.time_ns()}-{number}"
             client.create_bucket(Bucket=bucket)
-            for key, value in {**etl.s3a_options(settings, committer, True), **overrides}.items():
+            for key, value in {**s3a_options(settings, committer, True), **overrides}.items():
                 hadoop_conf.set(key, value)
             uri = f"s3a://{bucket}/table"
             frame.write.mode("append").partitionBy("folder").parquet(uri)  # a table to replace

@@ -15,10 +15,13 @@ import argparse
 import sys
 from pathlib import Path
 
+from sparkify_etl.jars import DELTA_SESSION, delta_package, pyspark_version
+from sparkify_etl.s3 import is_s3
+from sparkify_etl.settings import FORMATS, to_root
+
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
 
-import etl  # noqa: E402
 
 TABLES = ("songplays", "users", "songs", "artists", "time")
 
@@ -35,8 +38,8 @@ def describe(sql: str) -> str:
 
 def use_lake(spark, output: str, table_format: str) -> None:
     """The tables of an output root as temporary views under their plain names."""
-    root = etl.to_root(output)
-    location = root if etl.is_s3(root) else f"file://{root}"
+    root = to_root(output)
+    location = root if is_s3(root) else f"file://{root}"
     for table in TABLES:
         reader = spark.read.format("delta" if table_format == "delta" else "parquet")
         reader.load(f"{location}/{table}").createOrReplaceTempView(table)
@@ -90,7 +93,7 @@ def main(argv: list[str] | None = None) -> int:
     where = parser.add_mutually_exclusive_group(required=True)
     where.add_argument("--output", metavar="ROOT", help="the output root etl.py wrote the tables to")
     where.add_argument("--catalog", metavar="DATABASE", help="the database etl.py registered the tables in")
-    parser.add_argument("--format", choices=etl.FORMATS, default="parquet")
+    parser.add_argument("--format", choices=FORMATS, default="parquet")
     parser.add_argument("--chart", metavar="PNG", help="also draw plays by hour of day into this file")
     args = parser.parse_args(argv)
 
@@ -103,8 +106,8 @@ def main(argv: list[str] | None = None) -> int:
         .config("spark.ui.showConsoleProgress", "false")
     )
     if args.format == "delta":
-        builder = builder.config("spark.jars.packages", etl.delta_package(etl.pyspark_version()))
-        for key, value in etl.DELTA_SESSION.items():
+        builder = builder.config("spark.jars.packages", delta_package(pyspark_version()))
+        for key, value in DELTA_SESSION.items():
             builder = builder.config(key, value)
     if args.catalog:
         builder = builder.enableHiveSupport()

@@ -21,8 +21,8 @@ import time
 import urllib.request
 from pathlib import Path
 
-import etl
 from conftest import NON_UTC_ZONE, REPO, free_port
+from sparkify_etl.jars import installed_spark_jars
 
 # Java 17 keeps these packages closed; Hadoop's web apps (Guice) need them open.
 JAVA_OPENS = [
@@ -41,7 +41,7 @@ JAVA_OPENS = [
 
 
 def spark_home() -> Path:
-    return etl.installed_spark_jars().parent
+    return installed_spark_jars().parent
 
 
 def cluster_environment(**extra: str) -> dict[str, str]:
@@ -208,7 +208,7 @@ class StandaloneCluster:
 
 
 def hadoop_version() -> str:
-    jars = [path.name for path in etl.installed_spark_jars().glob("hadoop-client-api-*.jar")]
+    jars = [path.name for path in installed_spark_jars().glob("hadoop-client-api-*.jar")]
     return re.fullmatch(r"hadoop-client-api-(.+)\.jar", jars[0]).group(1)
 
 

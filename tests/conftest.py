@@ -15,14 +15,17 @@ from pathlib import Path
 import pytest
 from pyspark.sql import SparkSession
 
+from sparkify_etl.s3 import S3Access
+
 REPO = Path(__file__).resolve().parent.parent
+# The tests import etl and sparkify_etl from the checkout. Nothing else does: no process
+# a test starts gets a PYTHONPATH pointing here, so a packaging mistake fails its tests.
 sys.path.insert(0, str(REPO))
-# Spark's Python workers import etl (for the functions tasks run) like the tests do.
-os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))
 
 import datagen  # noqa: E402
 import etl  # noqa: E402
 import locals3  # noqa: E402
+from sparkify_etl.session import ship_package  # noqa: E402
 
 # The machine clock of every JVM and Python process in the tests runs in a zone far
 # from UTC, so a time part that leaks the local zone shows up as a wrong hour or day.
@@ -56,6 +59,7 @@ def spark() -> SparkSession:
         .getOrCreate()
     )
     session.sparkContext.setLogLevel("ERROR")
+    ship_package(session)  # as etl.py's own sessions do: the tasks' Python imports the fetcher
     yield session
     session.stop()
 
@@ -125,7 +129,7 @@ def s3_environment(endpoint: str, key: str = S3_KEY, secret: str = S3_SECRET) ->
 
 
 def s3_client(endpoint: str):
-    return etl.S3Access(S3_REGION, endpoint, S3_KEY, S3_SECRET).client()
+    return S3Access(S3_REGION, endpoint, S3_KEY, S3_SECRET).client()
 
 
 def create_bucket(endpoint: str, bucket: str) -> None:

@@ -19,13 +19,16 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import etl
+from sparkify_etl.cli import parse_args
+from sparkify_etl.session import build_spark_session
+from sparkify_etl.settings import resolve_settings
 
 
 def main(argv: list[str]) -> int:
     target, *rest = argv
     runs = [list(group) for group in _split(rest)]
-    settings = etl.resolve_settings(etl.parse_args(runs[0]), os.environ)
-    spark = etl.build_spark_session(settings, verbose=False)
+    settings = resolve_settings(parse_args(runs[0]), os.environ)
+    spark = build_spark_session(settings, verbose=False)
     results = []
     try:
         for run in runs:

@@ -13,6 +13,7 @@ import re
 import subprocess
 import sys
 from collections import Counter
+from datetime import date
 from pathlib import Path
 
 import pytest
@@ -20,6 +21,9 @@ import pytest
 import etl
 from conftest import BAD_DATA_ALLOWED, NON_UTC_ZONE, REPO, assert_loaded, run_etl, run_in_session
 from oracle import expected_tables
+from sparkify_etl.catalog import athena_ddl
+from sparkify_etl.errors import EtlError
+from sparkify_etl.jars import delta_package, pyspark_version
 
 sys.path.insert(0, str(REPO / "sql"))
 import run_queries
@@ -55,7 +59,7 @@ def test_athena_ddl_for_delta_tables_names_them_delta(capsys):
 
 
 def test_athena_ddl_projects_months_and_repairs_songs():
-    ddl = etl.athena_ddl("s3://lake/star", "parquet")
+    ddl = athena_ddl("s3://lake/star", "parquet")
     songplays, users, songs, repair, artists, time_table = statements(ddl)
     for table in (songplays, time_table):
         assert "PARTITIONED BY (`year` INT, `month` INT)" in table
@@ -211,8 +215,8 @@ def test_registered_tables_are_queried_by_name_from_a_later_session(two_month_in
 def test_delta_tables_are_registered_as_delta(two_month_input, tmp_path):
     flags = ("--input", str(two_month_input), "--output", str(tmp_path / "lake"), "--format", "delta")
     try:
-        package = etl.delta_package(etl.pyspark_version())
-    except etl.EtlError:
+        package = delta_package(pyspark_version())
+    except EtlError:
         result = run_etl(*flags, "--catalog", "sparkify", cwd=tmp_path)
         assert result.returncode == 1 and "--format delta needs Delta Lake" in result.stderr
         return
@@ -237,5 +241,5 @@ def two_month_input(tmp_path_factory) -> Path:
     import datagen
 
     root = tmp_path_factory.mktemp("catalog-input")
-    datagen.generate(root, datagen.Scale(songs=100, days=30, events_per_day=30, start=etl.date(2018, 11, 16)), seed=4)
+    datagen.generate(root, datagen.Scale(songs=100, days=30, events_per_day=30, start=date(2018, 11, 16)), seed=4)
     return root

@@ -10,9 +10,9 @@ import sys
 from pathlib import Path
 
 import pytest
-from clusters import StandaloneCluster, YarnCluster, cluster_environment, spark_submit
 
 import datagen
+from clusters import StandaloneCluster, YarnCluster, cluster_environment, spark_submit
 from conftest import BAD_DATA_ALLOWED, REPO, create_bucket, download, s3_environment, upload
 from oracle import expected_tables
 from tables import assert_one_file_per_partition_folder, local_data_files, read_tables
@@ -118,16 +118,21 @@ def test_yarn_client_mode_runs_etl(spark, yarn, quirky_dataset, tmp_path):
     assert_one_file_per_partition_folder(local_data_files(output))
 
 
-def test_yarn_cluster_mode_reads_dl_cfg_shipped_with_files(spark, yarn, quirky_dataset, tmp_path):
-    """The driver itself runs in a YARN container: its only settings are the dl.cfg that
+def test_yarn_cluster_mode_runs_with_the_package_zip_and_dl_cfg_shipped(spark, yarn, quirky_dataset, tmp_path):
+    """The driver itself runs in a YARN container: it has the package only from the zip
+    README's one extra flag ships (--py-files), and its settings only from the dl.cfg that
     --files puts in that container's working folder."""
     output = tmp_path / "lake"
     config = tmp_path / "dl.cfg"
     config.write_text(f"[ETL]\nINPUT = {quirky_dataset}\nOUTPUT = {output}\nMAX_REJECT_RATE = 0.1\n")
+    package = tmp_path / "dist" / "sparkify_etl.zip"
+    subprocess.run([sys.executable, ETL, "--package-zip", str(package)], check=True, cwd=REPO, capture_output=True)
     result = spark_submit(
         "yarn",
         "--deploy-mode",
         "cluster",
+        "--py-files",
+        str(package),
         "--files",
         str(config),
         "--conf",

@@ -19,7 +19,6 @@ from pathlib import Path
 import pytest
 
 import datagen
-import etl
 from conftest import (
     BAD_DATA_ALLOWED,
     NON_UTC_ZONE,
@@ -31,13 +30,20 @@ from conftest import (
     s3_environment,
 )
 from oracle import COLUMNS, expected_tables
+from sparkify_etl.cli import parse_args
+from sparkify_etl.delta import delta_version
+from sparkify_etl.errors import EtlError
+from sparkify_etl.jars import delta_package, pyspark_version
+from sparkify_etl.journal import JOURNAL
+from sparkify_etl.settings import resolve_settings
+from sparkify_etl.storage import open_lake
 from tables import run_reports
 
-DELTA_LINE = ".".join(etl.pyspark_version().split(".")[:2])
+DELTA_LINE = ".".join(pyspark_version().split(".")[:2])
 try:
-    etl.delta_package(etl.pyspark_version())
+    delta_package(pyspark_version())
     DELTA_SUPPORTED = True
-except etl.EtlError:
+except EtlError:
     DELTA_SUPPORTED = False
 
 
@@ -135,7 +141,7 @@ def test_a_delta_load_matches_the_oracle_and_tags_each_commit_with_its_run(quirk
     songplays = DeltaTable(str(output / "songplays"))
     assert songplays.metadata().partition_columns == ["year", "month"]
     assert songplays.metadata().configuration["delta.deletedFileRetentionDuration"] == "interval 7 days"
-    assert not (output / etl.JOURNAL).exists()
+    assert not (output / JOURNAL).exists()
 
 
 def test_print_packages_names_the_jars_and_settings_for_spark_submit():
@@ -144,7 +150,7 @@ def test_print_packages_names_the_jars_and_settings_for_spark_submit():
     result = run_etl("--print-packages", "--output", "s3a://lake/star", "--format", "delta")
     words = result.stdout.split()
     packages = words[words.index("--packages") + 1]
-    assert etl.delta_package(etl.pyspark_version()) in packages and "org.apache.hadoop:hadoop-aws:" in packages
+    assert delta_package(pyspark_version()) in packages and "org.apache.hadoop:hadoop-aws:" in packages
     assert "spark.sql.extensions=io.delta.sql.DeltaSparkSessionExtension" in words
 
 
@@ -207,16 +213,16 @@ def test_a_run_killed_between_table_commits_is_undone_by_the_next(two_months, no
         stderr=subprocess.DEVNULL,
         start_new_session=True,
     )
-    lake = etl.open_lake(etl.resolve_settings(etl.parse_args(["--output", output]), {**os.environ, **env}))
+    lake = open_lake(resolve_settings(parse_args(["--output", output]), {**os.environ, **env}))
     deadline = time.monotonic() + 600
-    while not any(etl.delta_version(lake, table) for table in COLUMNS):  # the first commit of the new run
+    while not any(delta_version(lake, table) for table in COLUMNS):  # the first commit of the new run
         assert driver.poll() is None, "the run ended before it could be killed"
         assert time.monotonic() < deadline
         time.sleep(0.01)
     os.killpg(driver.pid, signal.SIGKILL)
     driver.wait()
-    committed = [table for table in COLUMNS if etl.delta_version(lake, table)]
-    assert committed and lake.read_json(etl.JOURNAL)["versions_before"]["songplays"] == 0
+    committed = [table for table in COLUMNS if delta_version(lake, table)]
+    assert committed and lake.read_json(JOURNAL)["versions_before"]["songplays"] == 0
 
     result = run_etl("--input", str(two_months), "--output", output, "--format", "delta", env=env)
     assert_loaded(result)

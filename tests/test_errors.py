@@ -4,15 +4,16 @@ they run in-process."""
 
 from __future__ import annotations
 
-import argparse
 import os
 import re
-from datetime import date
 
 import pytest
 
 import etl
 from conftest import run_etl
+from sparkify_etl.cli import parse_args
+from sparkify_etl.errors import UsageError
+from sparkify_etl.settings import HERE, Settings, resolve_settings
 
 
 @pytest.fixture(autouse=True)
@@ -103,13 +104,13 @@ def test_cli_failure_prints_no_stack_trace(tmp_path):
 # --- settings precedence: defaults < dl.cfg < environment < flags --------------
 
 
-def settings_for(argv: list[str], environ: dict) -> etl.Settings:
-    return etl.resolve_settings(etl.parse_args(argv), environ)
+def settings_for(argv: list[str], environ: dict) -> Settings:
+    return resolve_settings(parse_args(argv), environ)
 
 
 def test_settings_defaults_read_the_sample_and_write_to_output(tmp_path):
     settings = settings_for([], {})
-    assert settings.input_root == str(etl.HERE / "data" / "sample")
+    assert settings.input_root == str(HERE / "data" / "sample")
     assert settings.output_root == str(tmp_path / "output")
     assert settings.format == "parquet" and settings.catalog is None and settings.retain_days == 7
     assert settings.access_key_id is None and settings.endpoint_url is None
@@ -144,48 +145,10 @@ def test_settings_precedence_config_then_environment_then_flags(tmp_path):
 
 
 def test_settings_repr_hides_secrets():
-    settings = etl.Settings(
+    settings = Settings(
         "/in", "/out", access_key_id="KEY", secret_access_key="very-secret", session_token="token-value"
     )
     assert "very-secret" not in repr(settings) and "token-value" not in repr(settings)
-
-
-def test_parse_args_accepts_the_documented_flags():
-    args = etl.parse_args(
-        [
-            "--config",
-            "x.cfg",
-            "--input",
-            "i",
-            "--output",
-            "o",
-            "--verbose",
-            "--format",
-            "delta",
-            "--since",
-            "2018-11-15",
-            "--until",
-            "2018-12-01",
-            "--max-reject-rate",
-            "0.05",
-            "--catalog",
-            "sparkify",
-        ]
-    )
-    assert args == argparse.Namespace(
-        config="x.cfg",
-        input="i",
-        output="o",
-        verbose=True,
-        format="delta",
-        since=date(2018, 11, 15),
-        until=date(2018, 12, 1),
-        max_reject_rate="0.05",
-        catalog="sparkify",
-        rollback=False,
-        print_packages=False,
-        print_ddl=None,
-    )
 
 
 @pytest.mark.parametrize(
@@ -199,14 +162,14 @@ def test_parse_args_accepts_the_documented_flags():
     ],
 )
 def test_bad_load_options_are_refused_before_spark_starts(capsys, argv, pattern):
-    with pytest.raises(etl.UsageError, match=pattern):
-        etl.resolve_settings(etl.parse_args(argv), {})
+    with pytest.raises(UsageError, match=pattern):
+        resolve_settings(parse_args(argv), {})
     fails_with(capsys, argv, pattern, status=2)
 
 
 def test_a_window_bound_must_be_a_date(capsys):
     with pytest.raises(SystemExit) as exit_info:
-        etl.parse_args(["--since", "November"])
+        parse_args(["--since", "November"])
     assert exit_info.value.code == 2
     assert "'November' is not a date like 2018-11-15" in capsys.readouterr().err
 

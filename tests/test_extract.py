@@ -12,7 +12,12 @@ from pathlib import Path
 
 import pytest
 
-import etl
+from sparkify_etl.errors import EtlError, InputReadError
+from sparkify_etl.extract import balanced_batches, load_and_classify, read_lines
+from sparkify_etl.fetch import fetch_files
+from sparkify_etl.inputs import InputFile, Inventory, list_local_dataset, skip_reason
+from sparkify_etl.records import classify_log_events, classify_song_records
+from sparkify_etl.tables import LOG_SCHEMA, UNUSED_FIELDS
 
 
 @pytest.mark.parametrize(
@@ -35,7 +40,7 @@ import etl
     ],
 )
 def test_skip_reason_reads_json_files_in_any_case_and_names_why_others_are_skipped(relative, verdict):
-    assert etl.skip_reason(relative) == verdict
+    assert skip_reason(relative) == verdict
 
 
 def make_files(root: Path, files: dict[str, bytes]) -> None:
@@ -52,7 +57,7 @@ def test_local_listing_follows_symlinked_folders_and_files(tmp_path):
     os.symlink(elsewhere / "B", tmp_path / "in" / "song_data" / "linked")
     os.symlink(elsewhere / "TRC.json", tmp_path / "in" / "song_data" / "TRC.json")
     os.symlink(tmp_path / "nowhere", tmp_path / "in" / "song_data" / "dangling.json")
-    inventory = etl.list_local_dataset(tmp_path / "in", "song_data")
+    inventory = list_local_dataset(tmp_path / "in", "song_data")
     folder = tmp_path / "in" / "song_data"
     assert sorted(file.path for file in inventory.read) == sorted(
         str(folder / name) for name in ("A/TRA.json", "TRC.json", "linked/C/TRB.json")
@@ -65,11 +70,11 @@ def test_a_symlink_loop_in_the_input_is_a_clear_error(tmp_path):
     make_files(tmp_path / "in", {"song_data/A/TRA.json": b"{}"})
     os.symlink(tmp_path / "in" / "song_data", tmp_path / "in" / "song_data" / "A" / "back")
     with pytest.raises(
-        etl.EtlError,
+        EtlError,
         match=r"The input has a symlink loop: .*/song_data/A/back leads back to a "
         r"folder that contains it",
     ):
-        etl.list_local_dataset(tmp_path / "in", "song_data")
+        list_local_dataset(tmp_path / "in", "song_data")
 
 
 def test_fetch_files_decodes_by_extension_and_drops_a_byte_order_mark(tmp_path):
@@ -96,7 +101,8 @@ def test_fetch_files_decodes_by_extension_and_drops_a_byte_order_mark(tmp_path):
     ]
     fetched = {
         Path(path).name: (bytes(data) if data is not None else None, error)
-        for path, data, error in etl.fetch_files(files, None)
+        for path, data, error, unreadable in fetch_files(files, None)
+        if unreadable is None
     }
     assert fetched == {
         "plain.json": (text, None),
@@ -107,9 +113,24 @@ def test_fetch_files_decodes_by_extension_and_drops_a_byte_order_mark(tmp_path):
     }
 
 
-def test_a_file_that_cannot_be_read_fails_with_its_name(tmp_path):
-    with pytest.raises(OSError, match=rf"etl.py cannot read input file {tmp_path}/gone.json"):
-        list(etl.fetch_files([(str(tmp_path / "gone.json"), None)], None))
+def test_a_file_that_cannot_be_read_is_reported_as_data_naming_it(tmp_path):
+    (tmp_path / "here.json").write_bytes(b'{"x": 1}')
+    fetched = list(fetch_files([(str(tmp_path / "gone.json"), None), (str(tmp_path / "here.json"), None)], None))
+    assert [(Path(path).name, error) for path, _, error, _ in fetched] == [("gone.json", None), ("here.json", None)]
+    gone, here = fetched
+    assert gone[1] is None and "No such file or directory" in gone[3]
+    assert bytes(here[1]) == b'{"x": 1}' and here[3] is None
+
+
+def test_load_and_classify_fails_with_the_typed_error_naming_the_unreadable_file(spark, tmp_path):
+    make_files(tmp_path, {"a.json": b'{"song_id": "SOA", "artist_id": "ARA"}'})
+    files = [InputFile(str(tmp_path / "a.json"), 40), InputFile(str(tmp_path / "vanished.json"), 40)]
+    inventory = Inventory("song_data", str(tmp_path), files)
+    with pytest.raises(
+        InputReadError, match=rf"Cannot read the input file {tmp_path}/vanished.json: .*No such file"
+    ) as failure:
+        load_and_classify(spark, inventory, None, classify_song_records)
+    assert failure.value.path == str(tmp_path / "vanished.json")
 
 
 def test_read_lines_gives_every_line_its_file_and_counts_empty_files(spark, tmp_path):
@@ -118,12 +139,12 @@ def test_read_lines_gives_every_line_its_file_and_counts_empty_files(spark, tmp_
         {"a.json": b'{"x": 1}\r\n\n  \n{"x": 2}', "empty.json": b"", "one.json": b'{"x": 3}', "z.json.gz": b"not gzip"},
     )
     files = [
-        etl.InputFile(str(tmp_path / name), 1, codec)
+        InputFile(str(tmp_path / name), 1, codec)
         for name, codec in (("a.json", None), ("empty.json", None), ("one.json", None), ("z.json.gz", "gzip"))
     ]
     rows = sorted(
         (Path(r.source_file).name, r.line, r.error, r.first, r.is_record)
-        for r in etl.read_lines(spark, files, None).collect()
+        for r in read_lines(spark, files, None).collect()
     )
     assert rows == [
         ("a.json", '{"x": 1}', None, True, True),
@@ -135,13 +156,13 @@ def test_read_lines_gives_every_line_its_file_and_counts_empty_files(spark, tmp_
 
 
 def test_balanced_batches_spread_bytes_and_keep_every_file_once():
-    files = [etl.InputFile(f"/f{index}", size) for index, size in enumerate([10_000_000, 5_000_000, *[300] * 1000])]
-    batches = etl.balanced_batches(files, 4)
+    files = [InputFile(f"/f{index}", size) for index, size in enumerate([10_000_000, 5_000_000, *[300] * 1000])]
+    batches = balanced_batches(files, 4)
     assert sorted(file.path for batch in batches for file in batch) == sorted(file.path for file in files)
     assert len(batches) == 4
     loads = [sum(max(file.size, 4096) for file in batch) for batch in batches]
     assert max(loads) == 10_000_000  # the biggest file alone; the small ones spread over the rest
-    assert etl.balanced_batches(files[:2], 8) == [[files[0]], [files[1]]]
+    assert balanced_batches(files[:2], 8) == [[files[0]], [files[1]]]
 
 
 def test_load_and_classify_counts_files_and_records_and_keeps_unused_fields_out(spark, tmp_path):
@@ -152,9 +173,9 @@ def test_load_and_classify_counts_files_and_records_and_keeps_unused_fields_out(
     make_files(
         tmp_path / "in", {"log_data/2018-11-01-events.json": "\n".join(lines).encode(), "log_data/empty.json": b""}
     )
-    inventory = etl.list_local_dataset(tmp_path / "in", "log_data")
-    batch = etl.load_and_classify(spark, inventory, None, etl.classify_log_events)
-    kept = [name for name in etl.LOG_SCHEMA.fieldNames() if name not in etl.UNUSED_FIELDS["log_data"]]
+    inventory = list_local_dataset(tmp_path / "in", "log_data")
+    batch = load_and_classify(spark, inventory, None, classify_log_events)
+    kept = [name for name in LOG_SCHEMA.fieldNames() if name not in UNUSED_FIELDS["log_data"]]
     assert batch.accepted_records.columns == ["source_file", *kept, "user_id"]
     assert [row.ts for row in batch.accepted_records.collect()] == [1541105830796]
     # The wrong type is in a field no table uses: still rejected, with the line as read.

@@ -6,7 +6,9 @@ from __future__ import annotations
 
 import json
 import re
+import socket
 from collections import Counter
+from datetime import date
 from pathlib import Path
 
 import pytest
@@ -29,6 +31,15 @@ from conftest import (
     upload,
 )
 from oracle import expected_tables
+from sparkify_etl.errors import EtlError
+from sparkify_etl.jars import connector_packages
+from sparkify_etl.journal import JOURNAL
+from sparkify_etl.publish import recover
+from sparkify_etl.report import utc_now
+from sparkify_etl.s3 import S3Access
+from sparkify_etl.s3a import s3a_options
+from sparkify_etl.settings import Settings
+from sparkify_etl.storage import LocalLake, S3Lake
 from tables import assert_one_file_per_partition_folder, quarantined, read_tables, run_reports
 
 
@@ -106,8 +117,8 @@ def test_the_output_bucket_is_created_in_the_configured_region():
     server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
     server.start()
     try:
-        access = etl.S3Access(S3_REGION, f"http://127.0.0.1:{port}", S3_KEY, S3_SECRET)
-        etl.S3Lake("s3a://regional-lake/star", access).probe()
+        access = S3Access(S3_REGION, f"http://127.0.0.1:{port}", S3_KEY, S3_SECRET)
+        S3Lake("s3a://regional-lake/star", access).probe()
         assert access.client().get_bucket_location(Bucket="regional-lake")["LocationConstraint"] == S3_REGION
     finally:
         server.stop()
@@ -171,9 +182,7 @@ def test_secrets_never_appear_in_output_or_event_log(s3_run):
 @pytest.mark.slow
 def test_two_incremental_halves_on_s3_equal_a_full_load(spark, s3_endpoint, tmp_path):
     dataset = tmp_path / "two-months"
-    datagen.generate(
-        dataset, datagen.Scale(songs=80, days=40, events_per_day=30, start=etl.date(2018, 11, 10)), seed=31
-    )
+    datagen.generate(dataset, datagen.Scale(songs=80, days=40, events_per_day=30, start=date(2018, 11, 10)), seed=31)
     create_bucket(s3_endpoint, "halves-raw")
     upload(s3_endpoint, dataset, "halves-raw")
     env = s3_environment(s3_endpoint)
@@ -264,11 +273,11 @@ def test_refusals_s3proxy_cannot_give_are_explained_too(capsys, s3_env, s3_error
 
 
 def test_an_output_the_credentials_cannot_write_is_refused_before_spark(s3_error_endpoint):
-    lake = etl.S3Lake(
-        "s3a://locked-lake/star", etl.S3Access(S3_REGION, s3_error_endpoint(403, "AccessDenied"), S3_KEY, S3_SECRET)
+    lake = S3Lake(
+        "s3a://locked-lake/star", S3Access(S3_REGION, s3_error_endpoint(403, "AccessDenied"), S3_KEY, S3_SECRET)
     )
     with pytest.raises(
-        etl.EtlError,
+        EtlError,
         match=r"Access denied: the AWS credentials in use may not write to bucket "
         r"locked-lake",
     ):
@@ -278,7 +287,7 @@ def test_an_output_the_credentials_cannot_write_is_refused_before_spark(s3_error
 def test_a_second_run_on_an_s3_output_is_refused_while_the_first_holds_it(capsys, s3_env, s3_endpoint, raw_bucket):
     s3_env(s3_endpoint)
     create_bucket(s3_endpoint, "busy-lake")
-    lake = etl.S3Lake("s3a://busy-lake/star", etl.S3Access(S3_REGION, s3_endpoint, S3_KEY, S3_SECRET))
+    lake = S3Lake("s3a://busy-lake/star", S3Access(S3_REGION, s3_endpoint, S3_KEY, S3_SECRET))
     holder = {"run_id": "R-first", "pid": 1, "host": "elsewhere", "started_at": "2026-01-01T00:00:00+00:00"}
     with lake.lock(holder):
         fails_before_spark(
@@ -292,21 +301,24 @@ def test_a_second_run_on_an_s3_output_is_refused_while_the_first_holds_it(capsys
 
 def test_a_dead_runs_s3_lock_is_taken_over(s3_endpoint):
     create_bucket(s3_endpoint, "stale-lake")
-    lake = etl.S3Lake("s3a://stale-lake/star", etl.S3Access(S3_REGION, s3_endpoint, S3_KEY, S3_SECRET))
+    lake = S3Lake("s3a://stale-lake/star", S3Access(S3_REGION, s3_endpoint, S3_KEY, S3_SECRET))
     lake.write_json(
-        "_lock", {"run_id": "R-dead", "pid": 999999, "host": etl.socket.gethostname(), "refreshed_at": etl.utc_now()}
+        "_lock", {"run_id": "R-dead", "pid": 999999, "host": socket.gethostname(), "refreshed_at": utc_now()}
     )
     with lake.lock({"run_id": "R-next", "pid": 1, "host": "here", "started_at": "now"}):
         assert lake.read_json("_lock")["run_id"] == "R-next"
 
 
 def test_the_run_after_a_failed_s3_load_says_which_tables_it_had_replaced(tmp_path):
-    lake = etl.LocalLake(str(tmp_path))
-    lake.write_json(etl.JOURNAL, {"run_id": "R1", "format": "parquet", "committed": ["songs", "artists"]})
-    assert etl.recover(lake) == [
-        "run R1 stopped while replacing tables on S3 after committing songs, artists of them; this run replaces them"
+    lake = LocalLake(str(tmp_path))
+    # As etl.py 2.0 wrote it; the current shape is read the same way.
+    lake.write_json(
+        JOURNAL, {"run_id": "20261201T000000Z-0a0b0c", "format": "parquet", "committed": ["songs", "artists"]}
+    )
+    assert recover(lake) == [
+        "run 20261201T000000Z-0a0b0c stopped while replacing tables on S3 after committing songs, artists of them; this run replaces them"
     ]
-    assert not (tmp_path / etl.JOURNAL).exists()
+    assert not (tmp_path / JOURNAL).exists()
 
 
 # --- which jars, for which Spark -------------------------------------------------
@@ -335,11 +347,11 @@ def test_the_run_after_a_failed_s3_load_says_which_tables_it_had_replaced(tmp_pa
     ],
 )
 def test_connector_matches_the_installed_spark(jars, version, expected):
-    assert etl.connector_packages(jars, version) == expected
+    assert connector_packages(jars, version) == expected
 
 
 def test_s3a_options_carry_credentials_endpoint_and_committer():
-    settings = etl.Settings(
+    settings = Settings(
         "/in",
         "s3a://lake",
         access_key_id="KEY",
@@ -348,7 +360,7 @@ def test_s3a_options_carry_credentials_endpoint_and_committer():
         region="us-west-2",
         endpoint_url="http://127.0.0.1:9000",
     )
-    options = etl.s3a_options(settings, "directory", local_master=True)
+    options = s3a_options(settings, "directory", local_master=True)
     assert options["fs.s3a.aws.credentials.provider"] == "org.apache.hadoop.fs.s3a.TemporaryAWSCredentialsProvider"
     assert (options["fs.s3a.access.key"], options["fs.s3a.secret.key"], options["fs.s3a.session.token"]) == (
         "KEY",
@@ -364,7 +376,7 @@ def test_s3a_options_carry_credentials_endpoint_and_committer():
     assert options["fs.s3a.committer.name"] == "directory"
     assert options["fs.s3a.committer.staging.tmp.path"].startswith("file:/")
     assert options["fs.s3a.directory.marker.retention"] == "keep"
-    default_chain = etl.s3a_options(etl.Settings("/in", "s3a://lake"), "magic", local_master=False)
+    default_chain = s3a_options(Settings("/in", "s3a://lake"), "magic", local_master=False)
     assert not any(
         key.startswith(("fs.s3a.access", "fs.s3a.secret", "fs.s3a.aws.credentials")) for key in default_chain
     )

@@ -11,10 +11,11 @@ import json
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import time
-from datetime import date
+from datetime import date, datetime, timezone
 from pathlib import Path
 
 import pytest
@@ -24,6 +25,16 @@ import datagen
 import etl
 from conftest import BAD_DATA_ALLOWED, NON_UTC_ZONE, REPO, assert_loaded, run_etl, run_in_session
 from oracle import expected_tables, read_inputs, tables_from
+from sparkify_etl.checks import CheckResult, enforce_quality_gate, key_checks, quality_gate
+from sparkify_etl.errors import EtlError
+from sparkify_etl.extract import SourceBatch
+from sparkify_etl.inputs import InputFile, Inventory
+from sparkify_etl.locks import lock_is_stale
+from sparkify_etl.publish import recover
+from sparkify_etl.report import utc_now
+from sparkify_etl.storage import LocalLake
+from sparkify_etl.tables import spec_of
+from sparkify_etl.transforms import songs_table
 from tables import (
     assert_one_file_per_partition_folder,
     lake_snapshot,
@@ -100,13 +111,13 @@ def tiny_star(spark) -> dict:
         ),
         "time": spark.sql(f"select {start} start_time, 20 hour, 1 day, 44 week, 11 month, 2018 year, 4 weekday"),
     }
-    inventory = etl.Inventory("log_data", "/in/log_data", [etl.InputFile("/in/log_data/a.json", 100)])
-    batch = etl.SourceBatch("log_data", inventory, None, None, files_parsed=1, records=3, accepted=2, rejects={"x": 1})
+    inventory = Inventory("log_data", "/in/log_data", [InputFile("/in/log_data/a.json", 100)])
+    batch = SourceBatch("log_data", inventory, None, None, files_parsed=1, records=3, accepted=2, rejects={"x": 1})
     return {"tables": tables, "fresh": tables["songplays"], "distinct_events": 2, "batches": [batch]}
 
 
-def gate(star: dict) -> list[etl.CheckResult]:
-    results, _ = etl.quality_gate(star["tables"], star["fresh"], star["distinct_events"], star["batches"])
+def gate(star: dict) -> list[CheckResult]:
+    results, _ = quality_gate(star["tables"], star["fresh"], star["distinct_events"], star["batches"])
     return results
 
 
@@ -151,8 +162,8 @@ def test_quality_gate_names_the_table_the_check_and_example_keys(spark, table, c
     star["tables"][table] = change(star["tables"][table])
     if table == "songplays":
         star["fresh"] = star["tables"]["songplays"]
-    with pytest.raises(etl.EtlError, match="The quality gate failed, so no table was published") as failure:
-        etl.enforce_quality_gate(gate(star))
+    with pytest.raises(EtlError, match="The quality gate failed, so no table was published") as failure:
+        enforce_quality_gate(gate(star))
     assert message in str(failure.value)
 
 
@@ -171,7 +182,7 @@ def test_quality_gate_reconciles_files_plays_and_records(spark):
 
 def test_key_checks_count_missing_and_repeated_keys_apart(spark):
     table = spark.createDataFrame([("a",), ("a",), (None,), ("b",), (None,), ("c",)], "k string")
-    rows, (never_null, unique) = etl.key_checks("t", table, "k")
+    rows, (never_null, unique) = key_checks("t", table, "k")
     assert rows == 6
     assert (never_null.passed, never_null.detail) == (False, "2 of 6 rows have no k")
     assert (unique.passed, unique.detail, unique.examples) == (False, "1 rows repeat a k", ["a"])
@@ -181,7 +192,7 @@ def test_a_gate_failure_in_a_real_run_leaves_the_previous_tables(
     spark, monkeypatch, quirky_dataset, loaded_lake, tmp_path
 ):
     """The real pipeline with a songs transform that repeats a song: nothing is published."""
-    real_songs_table = etl.songs_table
+    real_songs_table = songs_table
     monkeypatch.setattr(
         etl,
         "songs_table",
@@ -198,61 +209,15 @@ def test_a_gate_failure_in_a_real_run_leaves_the_previous_tables(
     assert {(c["table"], c["check"]) for c in report["checks"] if not c["passed"]} == {("songs", "song_id is unique")}
 
 
-# --- publishing: journaled renames, completed after any interruption ------------------
-
-
-def staged_lake(root: Path) -> tuple[etl.LocalLake, list[tuple[str, str]]]:
-    """A lake with old tables, a run's new tables staged, and the moves that publish them."""
-    lake = etl.LocalLake(str(root))
-    for name in ("songs", "users", "songplays/year=2018/month=11", "songplays/year=2018/month=12"):
-        (root / name).mkdir(parents=True)
-        (root / name / "old.parquet").write_text(f"old {name}")
-    for name in ("songs", "users", "artists", "songplays/year=2018/month=11"):
-        (root / "_staging" / "R1" / name).mkdir(parents=True)
-        (root / "_staging" / "R1" / name / "new.parquet").write_text(f"new {name}")
-    moves = []
-    for name in ("songs", "users", "artists", "songplays/year=2018/month=11"):
-        moves += lake.replacement_moves(name, f"_staging/R1/{name}", f"_staging/R1/_previous/{name}")
-    moves.append(("songplays/year=2018/month=12", "_staging/R1/_previous/songplays/year=2018/month=12"))
-    return lake, moves
-
-
-def published_state(root: Path) -> dict[str, str]:
-    return {path.relative_to(root).as_posix(): path.read_text() for path in sorted(root.rglob("*.parquet"))}
-
-
-def test_publishing_renames_every_table_into_place(tmp_path):
-    lake, moves = staged_lake(tmp_path)
-    lake.publish("R1", moves)
-    assert published_state(tmp_path) == {
-        "artists/new.parquet": "new artists",
-        "songplays/year=2018/month=11/new.parquet": "new songplays/year=2018/month=11",
-        "songs/new.parquet": "new songs",
-        "users/new.parquet": "new users",
-    }
-    assert sorted(os.listdir(tmp_path)) == ["artists", "songplays", "songs", "users"]
-
-
-@pytest.mark.parametrize("done", range(9))
-def test_a_publish_interrupted_after_any_rename_is_completed_by_the_next_run(tmp_path, done):
-    reference, reference_moves = staged_lake(tmp_path / "reference")
-    reference.publish("R1", reference_moves)
-    lake, moves = staged_lake(tmp_path / "lake")
-    assert len(moves) == 8
-    lake.write_json(etl.JOURNAL, {"run_id": "R1", "moves": moves})
-    lake.execute_moves(moves[:done])  # the process died here
-    notes = etl.recover(lake)
-    assert notes == ["completed the publish of run R1, which was interrupted"]
-    assert published_state(tmp_path / "lake") == published_state(tmp_path / "reference")
-    assert not (tmp_path / "lake" / "_staging").exists() and not (tmp_path / "lake" / etl.JOURNAL).exists()
+# --- recovery (the publishing protocol step by step is in test_publishing.py) ---------
 
 
 def test_recovery_removes_unpublished_staging_and_closes_reports_of_dead_runs(tmp_path):
-    lake = etl.LocalLake(str(tmp_path))
+    lake = LocalLake(str(tmp_path))
     (tmp_path / "_staging" / "R0" / "songs").mkdir(parents=True)
     lake.write_json("_runs/R0.json", {"run_id": "R0", "started_at": "2026-01-01T00:00:00+00:00", "status": "running"})
     lake.write_json("_runs/R9.json", {"run_id": "R9", "started_at": "2025-01-01T00:00:00+00:00", "status": "succeeded"})
-    notes = etl.recover(lake)
+    notes = recover(lake)
     assert notes == [
         "removed the staging folder of run R0, which never published",
         "closed the report of run R0, whose process had died",
@@ -270,7 +235,7 @@ def test_a_second_run_on_the_same_output_is_refused_and_names_the_first(spark, q
     output = copy_of(loaded_lake, tmp_path)
     before = lake_snapshot(output)
     holder = {"run_id": "20260101T000000Z-abcdef", "pid": 4242, "host": "worker-7", "started_at": "2026-01-01T00:00:00"}
-    with etl.LocalLake(str(output)).lock(holder):
+    with LocalLake(str(output)).lock(holder):
         status, _, err = run_quietly(spark, "--input", str(quirky_dataset), "--output", str(output), *BAD_DATA_ALLOWED)
     assert status == 1
     assert (
@@ -283,16 +248,16 @@ def test_a_second_run_on_the_same_output_is_refused_and_names_the_first(spark, q
 def test_a_lock_left_by_a_dead_run_does_not_block_the_next(tmp_path):
     lock = tmp_path / "_lock"
     lock.write_text(json.dumps({"run_id": "dead", "pid": 999999, "host": "here", "started_at": "then"}))
-    with etl.LocalLake(str(tmp_path)).lock({"run_id": "next", "pid": os.getpid(), "host": "here", "started_at": "now"}):
+    with LocalLake(str(tmp_path)).lock({"run_id": "next", "pid": os.getpid(), "host": "here", "started_at": "now"}):
         assert json.loads(lock.read_text())["run_id"] == "next"
 
 
 def test_a_stale_s3_lock_is_recognised():
-    fresh = json.dumps({"host": "elsewhere", "pid": 1, "refreshed_at": etl.utc_now()})
+    fresh = json.dumps({"host": "elsewhere", "pid": 1, "refreshed_at": utc_now()})
     old = json.dumps({"host": "elsewhere", "pid": 1, "refreshed_at": "2020-01-01T00:00:00+00:00"})
-    dead_here = json.dumps({"host": etl.socket.gethostname(), "pid": 999999, "refreshed_at": etl.utc_now()})
-    alive_here = json.dumps({"host": etl.socket.gethostname(), "pid": os.getpid(), "refreshed_at": etl.utc_now()})
-    assert [etl.lock_is_stale(text, 300) for text in (fresh, old, dead_here, alive_here, "garbage")] == [
+    dead_here = json.dumps({"host": socket.gethostname(), "pid": 999999, "refreshed_at": utc_now()})
+    alive_here = json.dumps({"host": socket.gethostname(), "pid": os.getpid(), "refreshed_at": utc_now()})
+    assert [lock_is_stale(text, 300) for text in (fresh, old, dead_here, alive_here, "garbage")] == [
         False,
         True,
         True,
@@ -508,7 +473,7 @@ def test_a_full_load_without_plays_writes_empty_tables_that_keep_their_schema(sp
     for table in ("songplays", "time"):
         frame = spark.read.parquet(f"file://{output}/{table}")
         assert frame.count() == 0
-        assert [name for name, _ in frame.dtypes] == [field.name for field in etl.spec_of(table).schema.fields]
+        assert [name for name, _ in frame.dtypes] == [field.name for field in spec_of(table).schema.fields]
     expected, _, _ = expected_tables(dataset)
     assert read_tables(spark, output) == expected
 
@@ -579,6 +544,6 @@ def test_incremental_windows_match_the_oracle_of_their_events(spark, two_months,
     window = [
         e
         for e in logs.records
-        if date(2018, 11, 20) <= etl.datetime.fromtimestamp(e["ts"] / 1000, etl.timezone.utc).date() < date(2018, 12, 5)
+        if date(2018, 11, 20) <= datetime.fromtimestamp(e["ts"] / 1000, timezone.utc).date() < date(2018, 12, 5)
     ]
     assert read_tables(spark, output) == tables_from(songs, window)

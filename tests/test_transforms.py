@@ -7,8 +7,30 @@ import json
 from datetime import date, datetime, timezone
 
 import pytest
+from pyspark.sql import functions as F
+from pyspark.sql import types as T
 
-import etl
+from sparkify_etl.checks import distinct_event_count
+from sparkify_etl.extract import parse_records
+from sparkify_etl.records import accepted_records, classify_log_events, classify_song_records, quarantine_records
+from sparkify_etl.tables import LOG_SCHEMA, SONG_SCHEMA, SONGPLAYS, USER_STATE
+from sparkify_etl.transforms import (
+    USER_EVENT_COLUMNS,
+    artists_table,
+    distinct_plays,
+    latest_user_events,
+    merge_latest_user_events,
+    months_of_window,
+    months_touched,
+    next_song_plays,
+    repeated_plays,
+    replace_window,
+    song_matches,
+    songplays_table,
+    songs_table,
+    time_table,
+    users_table,
+)
 from tables import assert_frames_equal
 
 UTC = timezone.utc
@@ -17,7 +39,7 @@ NOV_30_LAST_MS = 1543622399999  # 2018-11-30 23:59:59.999 UTC, a Friday: 15:59 t
 
 def event(**fields) -> dict:
     """A logged-in NextSong event; keyword arguments override its fields."""
-    base = dict.fromkeys(etl.LOG_SCHEMA.fieldNames())
+    base = dict.fromkeys(LOG_SCHEMA.fieldNames())
     base.update(
         ts=1541105830796,
         userId="39",
@@ -43,7 +65,7 @@ def event(**fields) -> dict:
 
 
 def song(**fields) -> dict:
-    base = dict.fromkeys(etl.SONG_SCHEMA.fieldNames())
+    base = dict.fromkeys(SONG_SCHEMA.fieldNames())
     base.update(
         song_id="SOAAAAAAAAAAAAAAAA",
         title="Hello",
@@ -61,20 +83,20 @@ def song(**fields) -> dict:
 def events_df(spark, *events):
     """Accepted log events as the transforms get them: with ``user_id``, the integer userId."""
     rows = [{**e, "user_id": int(e["userId"]) if e["userId"] else None} for e in events]
-    schema = etl.T.StructType([*etl.LOG_SCHEMA.fields, etl.T.StructField("user_id", etl.T.IntegerType())])
+    schema = T.StructType([*LOG_SCHEMA.fields, T.StructField("user_id", T.IntegerType())])
     return spark.createDataFrame(rows, schema=schema)
 
 
 def users_of(events):
-    return etl.users_table(etl.latest_user_events(events))
+    return users_table(latest_user_events(events))
 
 
 def plays_of(events, repeated=None):
-    return etl.distinct_plays(etl.next_song_plays(events), repeated)
+    return distinct_plays(next_song_plays(events), repeated)
 
 
 def songs_df(spark, *songs):
-    return spark.createDataFrame(list(songs), schema=etl.SONG_SCHEMA)
+    return spark.createDataFrame(list(songs), schema=SONG_SCHEMA)
 
 
 def utc(*parts) -> datetime:
@@ -120,7 +142,7 @@ def test_users_table_breaks_ties_at_the_latest_ts_by_the_whole_record(spark):
     # Independently: the greatest (ts, sessionId, itemInSession, firstName, lastName, gender, level).
     latest = {}
     for record in events:
-        order = tuple(record[name] for name in etl.USER_EVENT_COLUMNS)
+        order = tuple(record[name] for name in USER_EVENT_COLUMNS)
         if record["userId"] not in latest or order > latest[record["userId"]][0]:
             latest[record["userId"]] = (order, record)
     expected = spark.createDataFrame(
@@ -135,7 +157,7 @@ def test_users_table_breaks_ties_at_the_latest_ts_by_the_whole_record(spark):
 
 
 def matches_df(spark, *songs):
-    return etl.song_matches(songs_df(spark, *songs))
+    return song_matches(songs_df(spark, *songs))
 
 
 def test_distinct_plays_keeps_one_copy_of_a_twice_delivered_event(spark):
@@ -179,7 +201,7 @@ def expected_distinct_plays(events: list[dict]) -> list[tuple]:
 def test_distinct_plays_sorts_only_repeated_plays_and_keeps_the_same_copies(spark):
     events = redelivered_events()
     frame = events_df(spark, *events).repartition(3)
-    repeated = etl.repeated_plays(etl.next_song_plays(frame))
+    repeated = repeated_plays(next_song_plays(frame))
     assert sorted(tuple(row) for row in repeated.collect()) == [
         (39, 38, 2, 1541105830796, 2),
         (39, 38, 3, 1541105830796, 2),
@@ -193,10 +215,10 @@ def test_distinct_plays_sorts_only_repeated_plays_and_keeps_the_same_copies(spar
 
 def test_distinct_event_count_subtracts_extra_copies(spark):
     events = redelivered_events()
-    plays = etl.next_song_plays(events_df(spark, *events))
-    assert etl.distinct_event_count(plays, etl.repeated_plays(plays)) == len(expected_distinct_plays(events)) == 6
-    single = etl.next_song_plays(events_df(spark, event()))
-    assert etl.distinct_event_count(single, etl.repeated_plays(single)) == 1
+    plays = next_song_plays(events_df(spark, *events))
+    assert distinct_event_count(plays, repeated_plays(plays)) == len(expected_distinct_plays(events)) == 6
+    single = next_song_plays(events_df(spark, event()))
+    assert distinct_event_count(single, repeated_plays(single)) == 1
 
 
 def test_songplays_table_picks_smallest_song_id_when_several_songs_match(spark):
@@ -207,7 +229,7 @@ def test_songplays_table_picks_smallest_song_id_when_several_songs_match(spark):
         song(song_id="SOCCCCCCCCCCCCCCCC", artist_id="ARCCCCCCCCCCCCCCCC", duration=100.0),
     )
     plays = plays_of(events_df(spark, event()))
-    (row,) = etl.songplays_table(plays, matches).collect()
+    (row,) = songplays_table(plays, matches).collect()
     assert (row.song_id, row.artist_id) == ("SOBBBBBBBBBBBBBBBB", "ARBBBBBBBBBBBBBBBB")
 
 
@@ -221,7 +243,7 @@ def test_songplays_table_keeps_unmatched_play_with_null_song_and_artist(spark):
             event(itemInSession=3, song=None, artist=None, length=None),
         )
     )
-    rows = etl.songplays_table(plays, matches).collect()
+    rows = songplays_table(plays, matches).collect()
     assert len(rows) == 3
     assert {(row.song_id, row.artist_id) for row in rows} == {(None, None)}
 
@@ -233,13 +255,13 @@ def test_songplays_table_matches_numeric_title_read_as_text(spark):
         '"artist_name": 311, "duration": 220.3424, "year": 0, "num_songs": 1}',
     )
     plays = plays_of(events_df(spark, event(song="66", artist="311", length=220.3424)))
-    (row,) = etl.songplays_table(plays, etl.song_matches(songs)).collect()
+    (row,) = songplays_table(plays, song_matches(songs)).collect()
     assert row.song_id == "SO66AAAAAAAAAAAAAA"
 
 
 def test_songplays_table_has_spec_columns_and_deterministic_id(spark):
     plays = plays_of(events_df(spark, event(userId="39", sessionId=38, itemInSession=1, ts=NOV_30_LAST_MS)))
-    table = etl.songplays_table(plays, matches_df(spark, song()))
+    table = songplays_table(plays, matches_df(spark, song()))
     expected_id = hashlib.md5(f"39|38|1|{NOV_30_LAST_MS}".encode()).hexdigest()
     expected = spark.createDataFrame(
         [
@@ -268,7 +290,7 @@ def test_songplay_id_does_not_depend_on_partitioning(spark):
     one = plays_of(events_df(spark, *events).coalesce(1))
     many = plays_of(events_df(spark, *reversed(events)).repartition(7))
     matches = matches_df(spark, song())
-    ids = [sorted(r.songplay_id for r in etl.songplays_table(p, matches).collect()) for p in (one, many)]
+    ids = [sorted(r.songplay_id for r in songplays_table(p, matches).collect()) for p in (one, many)]
     assert ids[0] == ids[1] and len(set(ids[0])) == 50
 
 
@@ -297,7 +319,7 @@ def test_time_table_parts_are_utc_whatever_the_session_time_zone(spark, session_
     previous = spark.conf.get("spark.sql.session.timeZone")
     spark.conf.set("spark.sql.session.timeZone", session_zone)
     try:
-        assert_frames_equal(etl.time_table(songplays), expected)
+        assert_frames_equal(time_table(songplays), expected)
     finally:
         spark.conf.set("spark.sql.session.timeZone", previous)
 
@@ -316,7 +338,7 @@ def test_songs_table_has_one_row_per_song_id(spark):
         ],
         "song_id string, title string, artist_id string, year int, duration double",
     )
-    assert_frames_equal(etl.songs_table(songs), expected)
+    assert_frames_equal(songs_table(songs), expected)
 
 
 def test_artists_table_takes_every_column_from_one_record(spark):
@@ -354,7 +376,7 @@ def test_artists_table_takes_every_column_from_one_record(spark):
         [("AR1", "Prince and the New Power Generation", "Minnesota", 46.0, -94.0), ("AR2", "311", None, None, None)],
         "artist_id string, name string, location string, latitude double, longitude double",
     )
-    assert_frames_equal(etl.artists_table(songs), expected)
+    assert_frames_equal(artists_table(songs), expected)
 
 
 # --- classifying records ---------------------------------------------------------
@@ -369,20 +391,20 @@ def lines_df(spark, *lines: str, source: str = "/in/2018-11-01-events.json"):
 
 
 def parsed_songs(spark, *lines: str):
-    return etl.accepted_records(etl.classify_song_records(etl.parse_records(lines_df(spark, *lines), etl.SONG_SCHEMA)))
+    return accepted_records(classify_song_records(parse_records(lines_df(spark, *lines), SONG_SCHEMA)))
 
 
 def reasons(classified) -> dict[str, str | None]:
     return {
         row.line_text: row.reject_reason
         for row in classified.select(
-            etl.F.coalesce("record", etl.F.lit("(accepted)")).alias("line_text"), "reject_reason"
+            F.coalesce("record", F.lit("(accepted)")).alias("line_text"), "reject_reason"
         ).collect()
     }
 
 
 def classify_logs(spark, *lines: str):
-    return etl.classify_log_events(etl.parse_records(lines_df(spark, *lines), etl.LOG_SCHEMA))
+    return classify_log_events(parse_records(lines_df(spark, *lines), LOG_SCHEMA))
 
 
 def test_classify_log_events_names_the_field_and_the_problem(spark):
@@ -409,7 +431,7 @@ def test_classify_log_events_names_the_field_and_the_problem(spark):
     classified = classify_logs(spark, *cases)
     rejected = {line: reason for line, reason in reasons(classified).items() if line != "(accepted)"}
     assert rejected == {line: reason for line, reason in cases.items() if reason}
-    (accepted,) = etl.accepted_records(classified).collect()
+    (accepted,) = accepted_records(classified).collect()
     assert (accepted.ts, accepted.user_id) == (1541105830796, 39)
 
 
@@ -421,7 +443,7 @@ def test_a_user_id_is_the_integer_value_of_user_id_whatever_its_spelling(spark):
             for ts, user in ((1, "19"), (2, "019"), (3, "0000000019"), (4, ""))
         ],
     )
-    accepted = etl.accepted_records(classified)
+    accepted = accepted_records(classified)
     assert sorted((row.ts, row.user_id) for row in accepted.collect()) == [(1, 19), (2, 19), (3, 19), (4, None)]
     assert [row.user_id for row in users_of(accepted).collect()] == [19]
 
@@ -441,7 +463,7 @@ def test_classify_song_records_refuses_partition_values_no_folder_can_hold(spark
         song_line(escaped + "/"): "too long",
         song_line(" "): "missing artist_id",
     }
-    classified = etl.classify_song_records(etl.parse_records(lines_df(spark, *cases), etl.SONG_SCHEMA))
+    classified = classify_song_records(parse_records(lines_df(spark, *cases), SONG_SCHEMA))
     found = {line: reason for line, reason in reasons(classified).items() if line != "(accepted)"}
     expected = {line: reason for line, reason in cases.items() if reason}
     assert {line: ("too long" if "too long" in reason else reason) for line, reason in found.items()} == expected
@@ -455,9 +477,9 @@ def test_a_blank_first_line_counts_its_file_but_no_record(spark):
     lines = spark.createDataFrame(
         rows, "source_file string, error string, line string, first boolean, is_record boolean"
     )
-    classified = etl.classify_song_records(etl.parse_records(lines, etl.SONG_SCHEMA))
-    assert [row.song_id for row in etl.accepted_records(classified).collect()] == ["S"]
-    assert etl.quarantine_records(classified).count() == 0
+    classified = classify_song_records(parse_records(lines, SONG_SCHEMA))
+    assert [row.song_id for row in accepted_records(classified).collect()] == ["S"]
+    assert quarantine_records(classified).count() == 0
 
 
 # --- incremental loads: the window and the merge ------------------------------------
@@ -469,7 +491,7 @@ def play_row(ts_ms: int, play_id: str) -> tuple:
 
 
 def songplays_df(spark, *rows):
-    return spark.createDataFrame(list(rows), etl.SONGPLAYS.schema)
+    return spark.createDataFrame(list(rows), SONGPLAYS.schema)
 
 
 NOV_25 = 1543104000000  # 2018-11-25 00:00 UTC
@@ -483,9 +505,9 @@ def test_replace_window_keeps_rows_outside_the_window_and_takes_the_new_ones_ins
     )
     fresh = songplays_df(spark, play_row(NOV_25 + 5, "inside-new"))
     since, until = date(2018, 11, 25), date(2018, 12, 1)
-    kept = etl.replace_window(existing, fresh, since, until)
+    kept = replace_window(existing, fresh, since, until)
     assert sorted(row.songplay_id for row in kept.collect()) == ["before", "december-old", "inside-new"]
-    touched = etl.months_touched(existing, fresh, since, until)
+    touched = months_touched(existing, fresh, since, until)
     assert sorted(tuple(row) for row in touched.collect()) == [(2018, 11)]
 
 
@@ -493,9 +515,9 @@ def test_a_window_that_removes_every_row_of_a_month_still_touches_that_month(spa
     existing = songplays_df(spark, play_row(NOV_25, "nov"), play_row(DEC_01 + DAY, "dec"))
     fresh = songplays_df(spark, play_row(NOV_25 + 1, "nov-new"))
     since = date(2018, 11, 20)
-    touched = sorted(tuple(row) for row in etl.months_touched(existing, fresh, since, None).collect())
+    touched = sorted(tuple(row) for row in months_touched(existing, fresh, since, None).collect())
     assert touched == [(2018, 11), (2018, 12)]
-    rows = etl.replace_window(existing, fresh, since, None)
+    rows = replace_window(existing, fresh, since, None)
     assert {(row.year, row.month) for row in rows.collect()} == {(2018, 11)}  # December is left empty
 
 
@@ -510,18 +532,18 @@ def test_a_window_that_removes_every_row_of_a_month_still_touches_that_month(spa
 )
 def test_months_of_window_selects_the_partitions_a_window_can_reach(spark, since, until, months):
     frame = spark.createDataFrame([(2018, 10), (2018, 11), (2018, 12), (2019, 1)], "year int, month int")
-    assert sorted(tuple(row) for row in frame.where(etl.months_of_window(since, until)).collect()) == months
+    assert sorted(tuple(row) for row in frame.where(months_of_window(since, until)).collect()) == months
 
 
 def test_merge_latest_user_events_keeps_the_later_event_whichever_run_saw_it(spark):
-    columns = etl.USER_STATE.schema
+    columns = USER_STATE.schema
     earlier = spark.createDataFrame(
         [(15, 3000, 1, 1, "A", "Old", "F", "paid"), (8, 100, 1, 1, "K", "S", "F", "free")], columns
     )
     latest = spark.createDataFrame(
         [(15, 2000, 9, 9, "A", "New", "F", "free"), (20, 50, 1, 1, "N", "W", "M", "free")], columns
     )
-    merged = etl.merge_latest_user_events(earlier, latest)
+    merged = merge_latest_user_events(earlier, latest)
     assert sorted((row.user_id, row.lastName, row.level) for row in merged.collect()) == [
         (8, "S", "free"),
         (15, "Old", "paid"),
