@@ -52,9 +52,10 @@ from sparkify_etl.errors import (
 from sparkify_etl.extract import SourceBatch, load_and_classify
 from sparkify_etl.inputs import Inventory, check_roots_apart, inventory_input
 from sparkify_etl.jars import spark_submit_options
-from sparkify_etl.publish import LocalRenames, S3Commits, discard_unpublished, publish_quarantine, recover
+from sparkify_etl.lakemark import check_lake, claim_lake
+from sparkify_etl.publish import LocalRenames, S3Commits, StepHook, discard_unpublished, publish_quarantine, recover
 from sparkify_etl.records import classify_log_events, classify_song_records
-from sparkify_etl.report import RunReport, summary
+from sparkify_etl.report import RunReport, summary, utc_now
 from sparkify_etl.s3 import is_s3
 from sparkify_etl.s3a import configure_output
 from sparkify_etl.session import build_package_zip, build_spark_session, spark_log
@@ -63,6 +64,7 @@ from sparkify_etl.storage import Lake, LocalLake, open_lake
 from sparkify_etl.tables import SONGPLAYS, STAR_SCHEMA, USER_STATE, USERS, TableSpec
 from sparkify_etl.transforms import (
     artists_table,
+    days_without_input,
     distinct_plays,
     events_within,
     latest_user_events,
@@ -77,6 +79,7 @@ from sparkify_etl.transforms import (
     songs_table,
     time_table,
     users_table,
+    window_changes,
 )
 from sparkify_etl.writing import SparkOutput, Write, committed_table
 
@@ -156,6 +159,7 @@ class Run:
     output: SparkOutput  # how Spark reaches the output, decided once the session was up
     report: RunReport
     inventories: dict[str, Inventory]
+    fence: StepHook  # called before every change to the lake: proves the lock is still this run's
 
 
 def execute(
@@ -168,23 +172,27 @@ def execute(
         inventories = inventory_input(settings)
     lake = open_lake(settings)
     lake.probe()
+    check_lake(lake, settings.format, args.switch_format)  # refused before this run leaves any trace
     spark: SparkSession | None = None
-    with lake.lock(report.holder()):
+    with lake.lock(report.holder(), settings.lock_stale_seconds) as lock:
         try:
+            # Before anything changes: is this a lake this job made, in this format?
+            marked = claim_lake(lake, settings.format, args.switch_format, lock.check)
             if settings.format == "delta":  # recovery may have to restore Delta versions
                 spark, output = start_spark(settings, args.verbose, given_session)
-                report.recovered = recover(lake, delta_recovery(spark, lake, output))
+                report.recovered = recover(lake, delta_recovery(spark, lake, output), on_step=lock.check)
             else:
-                report.recovered = recover(lake)
+                report.recovered = recover(lake, on_step=lock.check)
+            report.recovered += [marked] if marked else []
             report.based_on = (current_state(lake) or {}).get("run_id") if settings.format == "delta" else None
             report.save(lake)
             if spark is None:
                 spark, output = start_spark(settings, args.verbose, given_session)
             report.settings = {**settings.redacted(), **output.settings()}
             report.spark_version = spark.version
-            run = Run(settings, spark, lake, output, report, inventories)
+            run = Run(settings, spark, lake, output, report, inventories, lock.check)
             if args.rollback:
-                report.timed("rollback", rollback, spark, lake, output, report)
+                report.timed("rollback", rollback, spark, lake, output, report, lock.check)
             else:
                 report.save_file_list(lake, inventories)
                 run_load(run)
@@ -243,7 +251,7 @@ def extract(run: Run, dataset: str, classify_records: Callable[[DataFrame], Data
             f"No usable records in {batch.inventory.folder} ({batch.quarantined:,} quarantined, see "
             f"{quarantine}). Check that the input is the Sparkify dataset."
         )
-    publish_quarantine(run.lake, run.output, run.report.run_id, batch.rejected_records, dataset)
+    publish_quarantine(run.lake, run.output, run.report.run_id, batch.rejected_records, dataset, run.fence)
     run.report.inputs[dataset] = batch.facts()
     enforce_reject_limit(batch, run.settings.max_reject_rate, quarantine)
     return batch
@@ -312,6 +320,12 @@ def process_log_data(run: Run, song_tables: SongTables) -> LogTables:
                 )
             )
             if existing is not None:
+                _refuse_removing_undelivered_days(run, existing, events)
+                changes = window_changes(existing, fresh, settings.since, settings.until).orderBy("year", "month")
+                run.report.months = {
+                    f"{row.year}-{row.month:02d}": {"removed": row.removed, "added": row.added}
+                    for row in changes.collect()
+                }
                 songplays = replace_window(existing, fresh, settings.since, settings.until)
     latest = latest.persist()
     songplays = songplays.persist() if songplays is not None else None
@@ -319,6 +333,22 @@ def process_log_data(run: Run, song_tables: SongTables) -> LogTables:
     return LogTables(
         batch, distinct_events, users_table(latest).persist(), latest, fresh, songplays, time_rows, touched
     )
+
+
+def _refuse_removing_undelivered_days(run: Run, existing: DataFrame, events: DataFrame) -> None:
+    """A window replaces every stored play inside it. Where the input has no event at all on
+    a day that has stored plays (--until alone, or input files that expired), those plays
+    would go without a trace: refused unless the user says so."""
+    if run.settings.allow_removing_days:
+        return
+    days = [row.day for row in days_without_input(existing, events, run.settings.since, run.settings.until).collect()]
+    if days:
+        shown = ", ".join(str(day) for day in sorted(days)[:5]) + (" ..." if len(days) > 5 else "")
+        raise EtlError(
+            f"The load window holds songplays on {len(days)} days the input has no events for ({shown}): "
+            "replacing the window would delete them. Narrow --since/--until to the days the input holds, or "
+            "pass --allow-removing-days if those plays should go."
+        )
 
 
 def _committed(run: Run, spec: TableSpec, partitions=None) -> DataFrame | None:
@@ -361,10 +391,10 @@ def run_load(run: Run) -> None:
 def publisher_for(run: Run, writes: Sequence[Write]):
     """The publishing protocol of this output (see sparkify_etl/publish.py and delta.py)."""
     if run.settings.format == "delta":
-        return DeltaPublisher(run.spark, run.lake, run.output, run.report, run.settings.retain_days)
+        return DeltaPublisher(run.spark, run.lake, run.output, run.report, run.settings.retain_days, run.fence)
     if isinstance(run.lake, LocalLake):
-        return LocalRenames(run.lake, run.output, run.report.run_id)
-    return S3Commits(run.lake, run.output, run.report.run_id, tuple(write.spec.name for write in writes))
+        return LocalRenames(run.lake, run.output, run.report.run_id, run.fence)
+    return S3Commits(run.lake, run.output, run.report.run_id, tuple(w.spec.name for w in writes), run.fence)
 
 
 def publish_tables(run: Run, writes: Sequence[Write], rows: dict[str, int]) -> dict[str, dict[str, object]]:
@@ -374,13 +404,19 @@ def publish_tables(run: Run, writes: Sequence[Write], rows: dict[str, int]) -> d
     folder, so one file written by one task, and the other cores write songs meanwhile.
     """
     publisher = publisher_for(run, writes)
+    pool = ThreadPoolExecutor(max_workers=len(writes))
     try:
-        with ThreadPoolExecutor(max_workers=len(writes)) as pool:
-            done = {w.spec.name: pool.submit(publisher.write, w, rows.get(w.spec.name, 1)) for w in writes}
+        done = {w.spec.name: pool.submit(publisher.write, w, rows.get(w.spec.name, 1)) for w in writes}
         written = {name: future.result() for name, future in done.items()}
+        pool.shutdown()
         with activity("publishing the tables"):
             publisher.publish()
+        run.report.published_at = utc_now()
     except BaseException:
+        # No writer may still be committing while the abort repairs the lake: stop them at
+        # their next step, then wait for all of them (a second Ctrl-C leaves it to the next run).
+        publisher.stop()
+        pool.shutdown(wait=True, cancel_futures=True)
         try:
             publisher.abort()
         except Exception as error:  # noqa: BLE001 - the first failure is the one to report

@@ -74,6 +74,16 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         help="Delta tables: return all of them to the versions of the previous successful run",
     )
     parser.add_argument(
+        "--allow-removing-days",
+        action="store_true",
+        help="incremental load: let the window delete stored plays on days the input has no events for",
+    )
+    parser.add_argument(
+        "--switch-format",
+        action="store_true",
+        help="replace every table of a lake written in the other format with a full load in --format",
+    )
+    parser.add_argument(
         "--verbose", action="store_true", help="log every step and show Spark's output and full stack traces"
     )
     parser.add_argument(

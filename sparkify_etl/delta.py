@@ -11,7 +11,7 @@ from pyspark.sql import SparkSession
 
 from .errors import EtlError, activity
 from .journal import JOURNAL, Journal, Protocol, write_journal
-from .publish import StepHook, no_fault
+from .publish import StepHook, Writers, no_fault
 from .report import RunReport, utc_now
 from .storage import Lake
 from .tables import STAR_SCHEMA, USER_STATE
@@ -53,7 +53,11 @@ def delta_version(lake: Lake, name: str) -> int | None:
 
 
 def restore_delta(
-    spark: SparkSession, lake: Lake, output: SparkOutput, versions: Mapping[str, int | None]
+    spark: SparkSession,
+    lake: Lake,
+    output: SparkOutput,
+    versions: Mapping[str, int | None],
+    on_step: StepHook = no_fault,
 ) -> list[str]:
     """Tables back to ``versions`` (None: the table did not exist, so it is removed).
     Returns the names of the tables that changed."""
@@ -62,6 +66,7 @@ def restore_delta(
         current = delta_version(lake, name)
         if current == version:
             continue
+        on_step(f"restore {name}")
         with activity(f"restoring {lake.display(name)} to version {version}"):
             if version is None:
                 lake.remove(name)
@@ -71,7 +76,7 @@ def restore_delta(
     return changed
 
 
-class DeltaPublisher:
+class DeltaPublisher(Writers):
     """Writes each table as one Delta commit tagged with the run id.
 
     The steps: ``journal`` (the versions before the run), ``commit <table>`` for each table,
@@ -89,7 +94,8 @@ class DeltaPublisher:
         retain_days: int,
         on_step: StepHook = no_fault,
     ):
-        self.spark, self.lake, self.output, self.report, self.on_step = spark, lake, output, report, on_step
+        super().__init__(on_step)
+        self.spark, self.lake, self.output, self.report = spark, lake, output, report
         self.published: list[str] = []
         keep_retention(spark, lake, output, retain_days)
         self.before = {spec.name: delta_version(lake, spec.name) for spec in DELTA_TABLES}
@@ -118,7 +124,7 @@ class DeltaPublisher:
             writer = writer.option("replaceWhere", months or "false")
         else:
             writer = writer.option("overwriteSchema", "true")
-        self.on_step(f"commit {spec.name}")
+        self._step(f"commit {spec.name}")
         with activity(f"writing {self.lake.display(spec.name)}"):
             writer.mode("overwrite").save(self.output.uri(spec.name))
         self.published.append(spec.name)
@@ -131,19 +137,20 @@ class DeltaPublisher:
         self.lake.remove(JOURNAL)
 
     def abort(self) -> None:
-        self.on_step("restore")
-        restored = restore_delta(self.spark, self.lake, self.output, self.before)
+        restored = restore_delta(self.spark, self.lake, self.output, self.before, self.on_step)
         if restored:
             self.report.warnings.append(f"restored {', '.join(restored)} to their versions before this run")
         self.published = []
+        self.on_step("done")
         self.lake.remove(JOURNAL)
 
 
 def delta_recovery(spark: SparkSession, lake: Lake, output: SparkOutput) -> Callable[[Journal], str]:
     """What ``publish.recover`` calls for a Delta journal: the versions before it, restored."""
 
-    def restore(journal: Journal) -> str:
-        restored = restore_delta(spark, lake, output, journal.versions_before)
+    def restore(journal: Journal, on_step: StepHook = no_fault) -> str:
+        restored = restore_delta(spark, lake, output, journal.versions_before, on_step)
+        on_step("done")
         lake.remove(JOURNAL)
         return (
             f"run {journal.run_id} stopped between its table commits; restored "
@@ -203,14 +210,21 @@ def _error_condition(error: Exception) -> str | None:
 def current_state(lake: Lake) -> dict | None:
     """The report of the run whose table versions the lake holds: the last successful
     load, or the run the last rollback returned to."""
-    succeeded = {r["run_id"]: r for r in lake.reports() if r.get("status") == "succeeded" and r.get("versions")}
+    # A run whose tables were all published counts, even if a later step (VACUUM, the catalog) failed.
+    succeeded = {
+        r["run_id"]: r
+        for r in lake.reports()
+        if r.get("versions") and (r.get("status") == "succeeded" or r.get("published_at"))
+    }
     if not succeeded:
         return None
     last = list(succeeded.values())[-1]
     return succeeded.get(last["rolled_back_to"]) if last.get("mode") == "rollback" else last
 
 
-def rollback(spark: SparkSession, lake: Lake, output: SparkOutput, report: RunReport) -> str:
+def rollback(
+    spark: SparkSession, lake: Lake, output: SparkOutput, report: RunReport, on_step: StepHook = no_fault
+) -> str:
     """Every table back to the versions it had before the current state's run; returns
     the id of the run those versions came from."""
     current = current_state(lake)
@@ -224,13 +238,25 @@ def rollback(spark: SparkSession, lake: Lake, output: SparkOutput, report: RunRe
             f"The tables are at the versions of run {current['run_id']}, which replaced no earlier "
             "successful run: there is nothing to roll back to."
         )
+    # Journaled like a load: a rollback cut off half way is undone, by itself or the next run.
+    before = {spec.name: delta_version(lake, spec.name) for spec in DELTA_TABLES}
+    on_step("journal")
+    write_journal(lake, Journal(report.run_id, Protocol.DELTA, versions_before=before))
     try:
-        restore_delta(spark, lake, output, earlier["versions"])
-    except EtlError as error:
-        raise EtlError(
-            f"{error} Versions older than the retention period ([ETL] RETAIN_DAYS) are cleaned up "
-            "and cannot be restored."
-        ) from None
+        restore_delta(spark, lake, output, earlier["versions"], on_step)
+    except BaseException as error:
+        restore_delta(spark, lake, output, before, on_step)
+        on_step("done")
+        lake.remove(JOURNAL)
+        if isinstance(error, EtlError):
+            raise EtlError(
+                f"{error} Versions older than the retention period ([ETL] RETAIN_DAYS) are cleaned up "
+                "and cannot be restored. The tables are back at the versions they had before the rollback."
+            ) from None
+        raise
+    on_step("done")
+    lake.remove(JOURNAL)
+    report.published_at = utc_now()
     report.versions = {spec.name: delta_version(lake, spec.name) for spec in DELTA_TABLES}
     report.rolled_back_to = earlier["run_id"]
     return earlier["run_id"]

@@ -30,6 +30,10 @@ class JournalError(EtlError):
     """A journal left by an earlier run that this run cannot act on safely."""
 
 
+class LockLost(EtlError):
+    """This run no longer holds the output's lock: it must change nothing more."""
+
+
 class Terminated(BaseException):
     """SIGTERM, as from a scheduler stopping the job."""
 

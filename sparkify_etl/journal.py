@@ -28,7 +28,7 @@ class Protocol(Enum):
     """How a run publishes, and so how its journal is completed."""
 
     LOCAL_RENAMES = "local-renames"  # staged folders swapped in by renames
-    S3_COMMITS = "s3-commits"  # each table replaced in place when its Spark job commits
+    S3_COMMITS = "s3-commits"  # new files added in place, then the old ones deleted
     DELTA = "delta"  # one Delta commit per table
 
 
@@ -42,12 +42,23 @@ class Swap:
 
 
 @dataclass(frozen=True)
+class Replacement:
+    """One S3 folder being replaced in place: its old objects listed in ``manifest`` before
+    Spark added the new ones; ``committed`` once Spark's job committed them."""
+
+    folder: str
+    manifest: str
+    committed: bool = False
+
+
+@dataclass(frozen=True)
 class Journal:
     run_id: str
     protocol: Protocol
     swaps: tuple[Swap, ...] = ()  # LOCAL_RENAMES
     tables: tuple[str, ...] = ()  # S3_COMMITS: the tables this run replaces
-    committed: tuple[str, ...] = ()  # S3_COMMITS: those whose jobs have committed so far
+    committed: tuple[str, ...] = ()  # S3_COMMITS: tables whose new version is in place
+    replacing: tuple[Replacement, ...] = ()  # S3_COMMITS: folders not yet rid of their old objects
     versions_before: dict[str, int | None] = field(default_factory=dict)  # DELTA
 
     @property
@@ -67,6 +78,7 @@ def write_journal(lake: Lake, journal: Journal) -> None:
         "swaps": [[swap.live, swap.staged, swap.previous] for swap in journal.swaps],
         "tables": list(journal.tables),
         "committed": list(journal.committed),
+        "replacing": [[r.folder, r.manifest, r.committed] for r in journal.replacing],
         "versions_before": journal.versions_before,
     }
     lake.write_json(JOURNAL, document)
@@ -103,6 +115,10 @@ def _parse(document: dict) -> Journal:
         swaps,
         tuple(_inside(name) for name in document.get("tables", [])),
         tuple(_inside(name) for name in document.get("committed", [])),
+        tuple(
+            Replacement(_inside(folder), _inside(manifest, run_id), bool(committed))
+            for folder, manifest, committed in document.get("replacing", [])
+        ),
         {
             _inside(name): None if version is None else int(version)
             for name, version in document.get("versions_before", {}).items()

@@ -26,6 +26,7 @@ of them; ``on_step`` is a no-op in real runs.
 
 from __future__ import annotations
 
+import json
 import threading
 from collections.abc import Callable
 from dataclasses import replace
@@ -33,26 +34,62 @@ from dataclasses import replace
 from pyspark.sql import DataFrame
 
 from .errors import JournalError
-from .journal import JOURNAL, STAGING, Journal, Protocol, Swap, read_journal, staging_folder, write_journal
+from .journal import (
+    JOURNAL,
+    STAGING,
+    Journal,
+    Protocol,
+    Replacement,
+    Swap,
+    read_journal,
+    staging_folder,
+    write_journal,
+)
 from .report import utc_now
-from .storage import Lake, LocalLake
+from .storage import Lake, LocalLake, S3Lake
 from .tables import QUARANTINE_COLUMNS, TableSpec
 from .writing import SparkOutput, Write, arranged_for_writing, partition_counts, partition_folder, partition_rows
 
 StepHook = Callable[[str], None]
 
 
+class Stopped(Exception):
+    """A table writer reached a step after its publisher was stopped."""
+
+
+class Writers:
+    """What publishers share: the step hook, and a stop that no later step gets past.
+
+    Tables are written side by side in threads. When one fails (or Ctrl-C lands), the
+    publisher is stopped first and every writer waited for; only then does the abort
+    touch the lake, so it never races a writer still committing.
+    """
+
+    def __init__(self, on_step: StepHook):
+        self.on_step = on_step
+        self._stopped = threading.Event()
+
+    def stop(self) -> None:
+        self._stopped.set()
+
+    def _step(self, step: str) -> None:
+        if self._stopped.is_set():
+            raise Stopped(f"stopped before {step}")
+        self.on_step(step)
+
+
 def no_fault(step: str) -> None:
     """The ``on_step`` of real runs."""
 
 
-class ParquetPublisher:
+class ParquetPublisher(Writers):
     """Writes a run's tables as parquet, then publishes them together."""
 
     protocol: Protocol
 
     def __init__(self, lake: Lake, output: SparkOutput, run_id: str, on_step: StepHook = no_fault):
-        self.lake, self.output, self.run_id, self.on_step = lake, output, run_id, on_step
+        super().__init__(on_step)
+        self.lake, self.output, self.run_id = lake, output, run_id
         self.published: list[str] = []  # tables of this run that readers see now
         self._journal_lock = threading.Lock()
 
@@ -239,52 +276,132 @@ def discard_staging(lake: Lake, run_id: str) -> None:
 
 
 class S3Commits(ParquetPublisher):
-    """S3: each table replaced in place when its job commits, every commit journaled."""
+    """S3, whatever the committer: new files added beside the old, the old deleted after.
+
+    Per folder (a table, or one month of it): ``journal`` (its old objects listed into a
+    manifest under ``_staging/<run>/``, the folder named in the journal), ``commit`` (Spark appends the
+    new files; the committer makes them visible when the job commits), ``journal`` (the
+    commit recorded), ``clean`` (the old objects and the manifest deleted). Nothing is ever
+    deleted before its replacement is committed. A folder cut off before its commit was
+    journaled is rolled back (this run's new files deleted), one after it rolled forward
+    (the old ones deleted), by the run's own abort or by the next run. Between a folder's
+    commit and its ``clean``, a reader listing it sees the old and the new files.
+    """
 
     protocol = Protocol.S3_COMMITS
+    lake: S3Lake
 
-    def __init__(self, lake: Lake, output: SparkOutput, run_id: str, tables: tuple[str, ...], on_step=no_fault):
+    def __init__(self, lake: S3Lake, output: SparkOutput, run_id: str, tables: tuple[str, ...], on_step=no_fault):
         super().__init__(lake, output, run_id, on_step)
         self.tables = tables
+        self.replacing: dict[str, Replacement] = {}
+        self.folders: dict[str, list[str]] = {}  # table -> its folders this run replaced
         self.on_step("journal")
-        write_journal(lake, Journal(run_id, self.protocol, tables=tables))
+        self._journal()
+
+    def _journal(self) -> None:
+        journal = Journal(
+            self.run_id,
+            self.protocol,
+            tables=self.tables,
+            committed=tuple(self.published),
+            replacing=tuple(self.replacing.values()),
+        )
+        write_journal(self.lake, journal)
+
+    def replace_folder(self, relative: str, save: Callable[[str], None] | None) -> None:
+        """Replace the folder ``relative`` with what ``save(relative)`` writes (nothing, for None)."""
+        old = [key for key in self.lake.keys_under(relative) if not _written_by_every_job(key)]
+        manifest = f"{staging_folder(self.run_id)}/{relative}.old.json"
+        self.lake.write_json(manifest, old)
+        with self._journal_lock:
+            self.replacing[relative] = Replacement(relative, manifest, committed=save is None)
+            self._step(f"journal {relative}")
+            self._journal()
+        if save is not None:
+            self._step(f"commit {relative}")
+            save(relative)
+            with self._journal_lock:
+                self.replacing[relative] = Replacement(relative, manifest, committed=True)
+                self._step(f"journal {relative} committed")
+                self._journal()
+        self._step(f"clean {relative}")
+        _roll_forward(self.lake, self.replacing[relative], old)
+        with self._journal_lock:
+            del self.replacing[relative]
 
     def _replace(self, frame: DataFrame, spec: TableSpec, relative: str, rows: int, partition: bool = False) -> None:
-        self.on_step(f"commit {relative}")
-        self._save(frame, spec, relative, rows, partition)
+        self.replace_folder(relative, lambda folder: self._save(frame, spec, folder, rows, partition))
 
     def _retire(self, relative: str) -> None:
-        self.on_step(f"retire {relative}")
-        self.lake.remove(relative)
+        self.replace_folder(relative, None)
 
     def _written(self, table: str) -> None:
         with self._journal_lock:
             self.published.append(table)
-            self.on_step(f"journal {table}")
-            write_journal(
-                self.lake, Journal(self.run_id, self.protocol, tables=self.tables, committed=tuple(self.published))
-            )
 
     def publish(self) -> None:
         self.on_step("commit")
-        self.lake.remove(JOURNAL)
+        self.lake.remove(JOURNAL)  # each folder's manifest went with its old objects
 
     def abort(self) -> None:
-        if not self.published:
-            self.on_step("discard")
-            self.lake.remove(JOURNAL)  # nothing was replaced: the lake is as it was
-        # Otherwise the journal stays: the next run names the tables this one replaced.
+        journal = read_journal(self.lake)
+        if journal is not None and journal.run_id == self.run_id:
+            finish_replacements(self.lake, journal, self.on_step)
+            self.published = sorted(
+                set(self.published) | {r.folder.split("/")[0] for r in journal.replacing if r.committed}
+            )
 
 
-def publish_quarantine(lake: Lake, output: SparkOutput, run_id: str, rejected: DataFrame, dataset: str) -> None:
+def _written_by_every_job(key: str) -> bool:
+    """Objects each job writes under the same name: not old data, never deleted as such."""
+    return key.rsplit("/", 1)[-1] == "_SUCCESS"
+
+
+def _roll_forward(lake: S3Lake, replacement: Replacement, old: list[str] | None = None) -> None:
+    if old is None:
+        old = json.loads(lake.read_text(replacement.manifest) or "[]")
+    lake.delete_keys([*old, replacement.manifest])
+
+
+def _roll_back(lake: S3Lake, replacement: Replacement) -> None:
+    old = set(json.loads(lake.read_text(replacement.manifest) or "[]"))
+    lake.abort_uploads(replacement.folder)
+    new = [key for key in lake.keys_under(replacement.folder) if key not in old and not _written_by_every_job(key)]
+    lake.delete_keys([*new, replacement.manifest])
+
+
+def finish_replacements(lake: S3Lake, journal: Journal, on_step: StepHook = no_fault) -> list[str]:
+    """Every folder a journal names, made whole: rolled forward where its commit was
+    journaled, back where it was not. Returns the folders rolled back."""
+    rolled_back = []
+    for replacement in journal.replacing:
+        if replacement.committed:
+            on_step(f"clean {replacement.folder}")
+            _roll_forward(lake, replacement)
+        else:
+            on_step(f"undo {replacement.folder}")
+            _roll_back(lake, replacement)
+            rolled_back.append(replacement.folder)
+    on_step("commit")
+    lake.remove(JOURNAL)
+    lake.remove(journal.staging)
+    return rolled_back
+
+
+def publish_quarantine(
+    lake: Lake, output: SparkOutput, run_id: str, rejected: DataFrame, dataset: str, on_step: StepHook = no_fault
+) -> None:
     """Replace ``_quarantine/<dataset>/`` with this run's rejected records, as JSON lines,
     published on its own (before the quality gate, so a run it stops can point at them)."""
     final = f"_quarantine/{dataset}"
     writer = rejected.repartition(1).sortWithinPartitions(*QUARANTINE_COLUMNS).write
-    if not isinstance(lake, LocalLake):
-        output.save(writer, final, "json", lake.display(final))
+    if isinstance(lake, S3Lake):
+        publisher = S3Commits(lake, output, run_id, (final,), on_step)
+        publisher.replace_folder(final, lambda folder: output.save(writer, folder, "json", lake.display(folder)))
+        publisher.publish()
         return
-    publisher = LocalRenames(lake, output, run_id)
+    publisher = LocalRenames(lake, output, run_id, on_step)
     output.save(writer, publisher.stage(final), "json", lake.display(final))
     publisher.publish()
 
@@ -299,15 +416,24 @@ def recover_parquet(lake: Lake, journal: Journal, on_step: StepHook = no_fault) 
         if kept:
             note += f"; {', '.join(kept)} kept their previous version, as their new one had been removed"
         return note
-    on_step("commit")
-    lake.remove(JOURNAL)
-    return (
+    done = [*journal.committed, *(r.folder.split("/")[0] for r in journal.replacing if r.committed)]
+    committed = list(dict.fromkeys(done))
+    rolled_back = finish_replacements(lake, journal, on_step) if isinstance(lake, S3Lake) else None
+    if rolled_back is None:
+        on_step("commit")
+        lake.remove(JOURNAL)
+    note = (
         f"run {journal.run_id} stopped while replacing tables on S3 after committing "
-        f"{', '.join(journal.committed) or 'none'} of them; this run replaces them"
+        f"{', '.join(committed) or 'none'} of them; this run replaces them"
     )
+    if rolled_back:
+        note += f" (its uncommitted files in {', '.join(rolled_back)} were removed)"
+    return note
 
 
-def recover(lake: Lake, restore: Callable[[Journal], str] | None = None, on_step: StepHook = no_fault) -> list[str]:
+def recover(
+    lake: Lake, restore: Callable[[Journal, StepHook], str] | None = None, on_step: StepHook = no_fault
+) -> list[str]:
     """Repair what an interrupted run left, before this one changes anything; returns what
     was done. ``restore`` finishes a Delta journal (it needs Spark); without it a Delta
     journal is refused with what to do.
@@ -326,7 +452,7 @@ def recover(lake: Lake, restore: Callable[[Journal], str] | None = None, on_step
                     f"{lake.display(JOURNAL)} says Delta run {journal.run_id} stopped between table "
                     "commits: rerun with --format delta so its tables can be restored first."
                 )
-            notes.append(restore(journal))
+            notes.append(restore(journal, on_step))
         else:
             notes.append(recover_parquet(lake, journal, on_step))
     for leftover in lake.names(STAGING):

@@ -6,7 +6,6 @@ import contextlib
 import json
 import logging
 import os
-import socket
 import time
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
@@ -15,6 +14,7 @@ from datetime import datetime, timezone
 from . import __version__
 from .errors import one_line
 from .inputs import Inventory
+from .locks import this_machine
 from .settings import Settings
 from .storage import Lake
 
@@ -40,6 +40,8 @@ class RunReport:
     recovered: list[str] = field(default_factory=list)
     warnings: list[str] = field(default_factory=list)
     published: list[str] = field(default_factory=list)  # tables of this run that readers see
+    published_at: str | None = None  # when all of this run's tables were published
+    months: dict[str, dict[str, int]] = field(default_factory=dict)  # "2018-11": songplays rows removed, added
     inputs: dict[str, dict[str, object]] = field(default_factory=dict)
     tables: dict[str, dict[str, object]] = field(default_factory=dict)
     versions: dict[str, int | None] = field(default_factory=dict)  # Delta tables after the run
@@ -61,7 +63,7 @@ class RunReport:
         )
 
     def holder(self) -> dict[str, object]:
-        return {"run_id": self.run_id, "pid": os.getpid(), "host": socket.gethostname(), "started_at": self.started_at}
+        return {"run_id": self.run_id, "pid": os.getpid(), **this_machine(), "started_at": self.started_at}
 
     def timed(self, stage: str, step, *args):
         started = time.monotonic()
@@ -114,6 +116,8 @@ def summary(report: RunReport, lake: Lake) -> str:
             f"  {table:<10} {facts['rows']:>12,} rows"
             + (f"  ({facts['written']})" if facts["written"] != "whole table" else "")
         )
+    for month, change in report.months.items():
+        lines.append(f"  songplays {month}: {change['removed']:,} rows removed, {change['added']:,} added")
     for dataset, facts in report.inputs.items():
         lines.append(
             f"  {dataset}: {facts['files_read']:,} files read, {facts['files_skipped']:,} skipped, "

@@ -27,6 +27,9 @@ def s3a_options(settings: Settings, committer: str, local_master: bool) -> dict[
         # memory until the task commits, instead of two objects per file (Hadoop 3.3.6+).
         "fs.s3a.committer.magic.track.commits.in.memory.enabled": "true",
         "fs.s3a.committer.abort.pending.uploads": "true",
+        # New files go beside the old ones (publish.S3Commits deletes the old ones once the new
+        # are committed): "replace" would delete the folder during the job commit, "fail" refuse it.
+        "fs.s3a.committer.staging.conflict-mode": "append",
         "mapreduce.outputcommitter.factory.scheme.s3a": "org.apache.hadoop.fs.s3a.commit.S3ACommitterFactory",
         # Keep folder markers: deleting them costs a request for every file written (Hadoop 3.3).
         "fs.s3a.directory.marker.retention": "keep",

@@ -22,13 +22,15 @@ DEFAULT_OUTPUT = "output"
 DEFAULT_CONFIG = "dl.cfg"
 DEFAULT_MAX_REJECT_RATE = 0.01  # above this share of a dataset quarantined, the input is suspect
 DEFAULT_RETAIN_DAYS = 7
+# An S3 lock not refreshed for this long (by S3's clock) belongs to a dead run.
+DEFAULT_LOCK_STALE_SECONDS = 300
 FORMATS = ("parquet", "delta")
 S3A_COMMITTERS = ("directory", "magic")
 
 # Every key dl.cfg may hold, by section; dl.cfg.example documents each one.
 CONFIG_KEYS = {
     "AWS": ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_REGION", "AWS_ENDPOINT_URL_S3"),
-    "ETL": ("INPUT", "OUTPUT", "FORMAT", "MAX_REJECT_RATE", "CATALOG", "RETAIN_DAYS"),
+    "ETL": ("INPUT", "OUTPUT", "FORMAT", "MAX_REJECT_RATE", "CATALOG", "RETAIN_DAYS", "LOCK_STALE_SECONDS"),
     "SPARK": ("PACKAGES", "S3A_COMMITTER"),
 }
 
@@ -52,6 +54,8 @@ class Settings:
     until: date | None = None  # ... up to, not including, this one
     catalog: str | None = None
     retain_days: int = DEFAULT_RETAIN_DAYS
+    lock_stale_seconds: int = DEFAULT_LOCK_STALE_SECONDS
+    allow_removing_days: bool = False  # an incremental window may delete plays of days without input
 
     def incremental(self) -> bool:
         return self.since is not None or self.until is not None
@@ -147,6 +151,8 @@ def resolve_settings(args: argparse.Namespace, environ: Mapping[str, str]) -> Se
             "Add --format delta (and load with it) to have rollbacks."
         )
     since, until = args.since, args.until
+    if getattr(args, "switch_format", False) and (since or until):
+        raise UsageError("--switch-format replaces every table, so it needs a full load: leave out --since/--until.")
     if since and until and since >= until:
         raise UsageError(f"--since {since} is not before --until {until}: the window would hold no day.")
     catalog = first(args.catalog, config.get("ETL.CATALOG"))
@@ -170,6 +176,8 @@ def resolve_settings(args: argparse.Namespace, environ: Mapping[str, str]) -> Se
         until=until,
         catalog=catalog,
         retain_days=retain_days(config.get("ETL.RETAIN_DAYS")),
+        lock_stale_seconds=lock_stale_seconds(config.get("ETL.LOCK_STALE_SECONDS")),
+        allow_removing_days=bool(getattr(args, "allow_removing_days", False)),
     )
 
 
@@ -186,6 +194,14 @@ def reject_rate(text: str | None) -> float:
             "a dataset's records to be quarantined): check --max-reject-rate or [ETL] MAX_REJECT_RATE."
         )
     return rate
+
+
+def lock_stale_seconds(text: str | None) -> int:
+    if text is None:
+        return DEFAULT_LOCK_STALE_SECONDS
+    if not text.isdigit() or int(text) < 5:
+        raise UsageError(f"[ETL] LOCK_STALE_SECONDS = {text} is not a whole number of seconds of at least 5.")
+    return int(text)
 
 
 def retain_days(text: str | None) -> int:

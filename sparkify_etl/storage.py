@@ -60,7 +60,8 @@ class Lake:
         found = [self.read_json(f"_runs/{name}") for name in self.names("_runs") if name.endswith(".json")]
         return sorted((r for r in found if r), key=lambda r: (r.get("started_at", ""), r.get("run_id", "")))
 
-    def lock(self, holder: dict[str, object]) -> contextlib.AbstractContextManager:
+    def lock(self, holder: dict[str, object], stale_seconds: int) -> contextlib.AbstractContextManager:
+        """This output's lock for one run; entered, it has ``check(step)`` to call before each change."""
         raise NotImplementedError
 
     def probe(self) -> None:
@@ -123,7 +124,7 @@ class LocalLake(Lake):
         except (FileNotFoundError, NotADirectoryError):
             return []
 
-    def lock(self, holder: dict[str, object]) -> contextlib.AbstractContextManager:
+    def lock(self, holder: dict[str, object], stale_seconds: int) -> contextlib.AbstractContextManager:
         return LocalLock(self.path(LOCK), holder)
 
     def probe(self) -> None:
@@ -193,8 +194,36 @@ class S3Lake(Lake):
     def has_table(self, name: str) -> bool:
         return self.read_head(f"{name}/_SUCCESS") or next(self._keys(f"{name}/_delta_log"), None) is not None
 
-    def remove(self, relative: str) -> None:
-        keys = [{"Key": self.key(relative)}] + [{"Key": item["Key"]} for item in self._keys(relative)]
+    def keys_under(self, relative: str) -> list[str]:
+        """The object at ``relative`` and every object below it, relative to the root, folder
+        markers left out; one listing (a request per 1,000 keys)."""
+        return [key for key in self._relative_keys(relative) if not key.endswith("/")]
+
+    def _relative_keys(self, relative: str) -> list[str]:
+        prefix, root = self.key(relative), self.key("")
+        strip = len(root) + 1 if root else 0
+        found = []
+        for page in self.client.get_paginator("list_objects_v2").paginate(Bucket=self.bucket, Prefix=prefix):
+            for item in page.get("Contents", []):
+                key = item["Key"]
+                if key == prefix or key.startswith(prefix.rstrip("/") + "/") or not relative:
+                    found.append(key[strip:])
+        return found
+
+    def abort_uploads(self, relative: str) -> int:
+        """Abort the multipart uploads still open below ``relative`` (a killed job's files
+        that were never committed); returns how many."""
+        prefix = self.key(relative).rstrip("/") + "/"
+        aborted = 0
+        for page in self.client.get_paginator("list_multipart_uploads").paginate(Bucket=self.bucket, Prefix=prefix):
+            for upload in page.get("Uploads", []):
+                self.client.abort_multipart_upload(Bucket=self.bucket, Key=upload["Key"], UploadId=upload["UploadId"])
+                aborted += 1
+        return aborted
+
+    def delete_keys(self, relatives: list[str]) -> None:
+        """Delete these objects, a request per 1,000; a key S3 could not delete is an error."""
+        keys = [{"Key": self.key(relative)} for relative in relatives]
         for start in range(0, len(keys), 1000):
             answer = self.client.delete_objects(
                 Bucket=self.bucket, Delete={"Objects": keys[start : start + 1000], "Quiet": True}
@@ -203,16 +232,20 @@ class S3Lake(Lake):
             failed = answer.get("Errors", [])
             if failed:
                 raise EtlError(
-                    f"{len(failed)} objects under {self.display(relative)} could not be deleted (e.g. "
-                    f"{failed[0].get('Key')}: {failed[0].get('Code')}). Check the credentials' s3:DeleteObject permission."
+                    f"{len(failed)} objects under {self.display()} could not be deleted (e.g. "
+                    f"{failed[0].get('Key')}: {failed[0].get('Code')}). Check the credentials' s3:DeleteObject "
+                    "permission; the next run finishes the deletes."
                 )
+
+    def remove(self, relative: str) -> None:
+        self.delete_keys(self._relative_keys(relative))
 
     def names(self, relative: str) -> list[str]:
         prefix = self.key(relative).rstrip("/") + "/" if relative or self.prefix else ""
         return sorted({item["Key"][len(prefix) :].rstrip("/") for item in self._keys(relative, "/")} - {""})
 
-    def lock(self, holder: dict[str, object]) -> contextlib.AbstractContextManager:
-        return S3Lock(self.client, self.bucket, self.key(LOCK), self.root, self.access, holder)
+    def lock(self, holder: dict[str, object], stale_seconds: int) -> contextlib.AbstractContextManager:
+        return S3Lock(self.client, self.bucket, self.key(LOCK), self.root, self.access, holder, stale_seconds)
 
     def probe(self) -> None:
         """The bucket exists (it is created when it does not) and takes writes and deletes."""

@@ -239,3 +239,25 @@ def months_of_window(since: date | None, until: date | None) -> Column:
         last = date.fromordinal(until.toordinal() - 1)
         condition = condition & (month <= last.year * 12 + last.month)
     return condition
+
+
+def days_without_input(existing: DataFrame, events: DataFrame, since: date | None, until: date | None) -> DataFrame:
+    """The UTC days inside a window where songplays has rows but the input has no event at
+    all: replacing the window would delete those rows with nothing to say they are gone."""
+    inside = within_days(utc_day(F.col("start_time").cast("long")), since, until)
+    stored = existing.where(inside).select(utc_day(F.col("start_time").cast("long")).alias("day")).distinct()
+    delivered = events.select(utc_day(F.col("ts") / 1000).alias("day")).distinct()
+    return stored.join(delivered, "day", "left_anti")
+
+
+def window_changes(existing: DataFrame, fresh: DataFrame, since: date | None, until: date | None) -> DataFrame:
+    """Per (year, month): how many songplays rows a window removes (stored, not in the
+    window's plays) and adds (in the window's plays, not stored)."""
+    inside = within_days(utc_day(F.col("start_time").cast("long")), since, until)
+    stored = existing.where(inside).select("songplay_id", "year", "month", F.lit(1).alias("stored"))
+    loaded = fresh.select("songplay_id", "year", "month", F.lit(1).alias("loaded"))
+    both = stored.join(loaded, ["songplay_id", "year", "month"], "full_outer")
+    return both.groupBy("year", "month").agg(
+        F.count(F.when(F.col("loaded").isNull(), 1)).alias("removed"),
+        F.count(F.when(F.col("stored").isNull(), 1)).alias("added"),
+    )

@@ -39,22 +39,16 @@ class SparkOutput:
         return "/".join(part for part in (self.root, relative) if part)
 
     def save(self, writer, relative: str, data_format: str, shown_as: str) -> None:
-        """Write a folder of ``data_format`` files with ``writer``, replacing what is there.
+        """Write a folder of ``data_format`` files with ``writer``.
 
-        With the S3A staging committer the old files are replaced when the job commits, not
-        before it: until then readers keep the previous version.
+        Local folders are written whole (into a staging folder, see publish.LocalRenames).
+        On S3 the new files are appended beside the old ones, whatever the committer: none
+        deletes anything before the job, and publish.S3Commits deletes the old files once
+        the new ones are committed.
         """
+        mode = "overwrite" if self.committer is Committer.LOCAL else "append"
         with activity(f"writing {shown_as}"):
-            if self.committer is Committer.S3A_STAGING:
-                (
-                    writer.mode("append")
-                    .option("fs.s3a.committer.name", "directory")
-                    .option("fs.s3a.committer.staging.conflict-mode", "replace")
-                    .format(data_format)
-                    .save(self.uri(relative))
-                )
-            else:
-                writer.mode("overwrite").format(data_format).save(self.uri(relative))
+            writer.mode(mode).format(data_format).save(self.uri(relative))
 
 
 def local_output(root: str) -> SparkOutput:

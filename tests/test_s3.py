@@ -5,8 +5,12 @@ errors, from the server's own 403 answers where it gives them."""
 from __future__ import annotations
 
 import json
+import os
 import re
-import socket
+import signal
+import subprocess
+import sys
+import time
 from collections import Counter
 from datetime import date
 from pathlib import Path
@@ -17,6 +21,7 @@ import datagen
 import etl
 from conftest import (
     BAD_DATA_ALLOWED,
+    REPO,
     S3_KEY,
     S3_REGION,
     S3_SECRET,
@@ -31,16 +36,17 @@ from conftest import (
     upload,
 )
 from oracle import expected_tables
-from sparkify_etl.errors import EtlError
+from sparkify_etl.errors import EtlError, LockLost
 from sparkify_etl.jars import connector_packages
 from sparkify_etl.journal import JOURNAL
+from sparkify_etl.locks import this_machine
 from sparkify_etl.publish import recover
 from sparkify_etl.report import utc_now
 from sparkify_etl.s3 import S3Access
 from sparkify_etl.s3a import s3a_options
 from sparkify_etl.settings import Settings
 from sparkify_etl.storage import LocalLake, S3Lake
-from tables import assert_one_file_per_partition_folder, quarantined, read_tables, run_reports
+from tables import TABLES, assert_one_file_per_partition_folder, quarantined, read_tables, run_reports
 
 
 @pytest.fixture(scope="module")
@@ -130,8 +136,9 @@ def test_s3_output_has_one_object_per_partition_folder_and_no_stray_keys(s3_endp
     allowed = re.compile(
         r"^(?:(?:songplays|users|songs|artists|time|_state/user_latest_event)/(?:.+/)?part-[^/]+"
         r"\.parquet|_quarantine/(?:song|log)_data/part-[^/]+\.json|_runs/[^/]+\.json(?:l)?"
-        r"|[^/]+(?:/[^/]+)?/_SUCCESS"
-        r"|(?:_quarantine|_state)/)$"
+        r"|[^/]+(?:/[^/]+)?/_SUCCESS|_sparkify_lake\.json"
+        r"|(?:_quarantine|_state)/"
+        r"|(?:songplays|users|songs|artists|time|_state/user_latest_event|_quarantine/(?:song|log)_data)/)$"
     )  # S3A's zero-byte markers of the folders it made
     assert [key for key in keys if not allowed.match(key)] == []
     assert not any("_temporary" in key or "__magic" in key or ".pending" in key or "_lock" in key for key in keys)
@@ -156,9 +163,12 @@ def test_s3_requests_are_one_get_per_file_read_and_one_upload_per_file_written(s
     assert files_read <= requests["GET"] <= files_read + 10  # + the reports, journal and lock the run reads
     assert requests["INITIATE_MULTIPART"] == requests["UPLOAD_PART"] == requests["COMPLETE_MULTIPART"] == len(written)
     per_table_jobs = 8  # five tables, the user state and two quarantines
+    # What publishing adds per table, whatever its size: a LIST of its old files, the manifest
+    # PUT, two journal PUTs (intent, then the commit) and four HEADs proving the lock is held.
+    publishing = 8
     overhead = sum(requests.values()) - requests["GET"] - 3 * len(written)
-    assert overhead <= 25 * per_table_jobs, requests
-    assert requests["HEAD"] <= 10 * per_table_jobs, requests
+    assert overhead <= (25 + publishing) * per_table_jobs, requests
+    assert requests["HEAD"] <= (10 + 4) * per_table_jobs, requests
 
 
 def test_the_run_report_lands_in_the_bucket_without_the_secret(s3_endpoint, s3_run):
@@ -289,7 +299,7 @@ def test_a_second_run_on_an_s3_output_is_refused_while_the_first_holds_it(capsys
     create_bucket(s3_endpoint, "busy-lake")
     lake = S3Lake("s3a://busy-lake/star", S3Access(S3_REGION, s3_endpoint, S3_KEY, S3_SECRET))
     holder = {"run_id": "R-first", "pid": 1, "host": "elsewhere", "started_at": "2026-01-01T00:00:00+00:00"}
-    with lake.lock(holder):
+    with lake.lock(holder, 300):
         fails_before_spark(
             capsys,
             ["--input", raw_bucket, "--output", "s3a://busy-lake/star"],
@@ -302,11 +312,200 @@ def test_a_second_run_on_an_s3_output_is_refused_while_the_first_holds_it(capsys
 def test_a_dead_runs_s3_lock_is_taken_over(s3_endpoint):
     create_bucket(s3_endpoint, "stale-lake")
     lake = S3Lake("s3a://stale-lake/star", S3Access(S3_REGION, s3_endpoint, S3_KEY, S3_SECRET))
-    lake.write_json(
-        "_lock", {"run_id": "R-dead", "pid": 999999, "host": socket.gethostname(), "refreshed_at": utc_now()}
-    )
-    with lake.lock({"run_id": "R-next", "pid": 1, "host": "here", "started_at": "now"}):
+    lake.write_json("_lock", {"run_id": "R-dead", "pid": 999999, **this_machine(), "refreshed_at": utc_now()})
+    with lake.lock({"run_id": "R-next", "pid": 1, "host": "here", "started_at": "now"}, 300):
         assert lake.read_json("_lock")["run_id"] == "R-next"
+
+
+def test_a_lock_taken_over_fences_its_old_holder_before_its_next_change(s3_endpoint):
+    create_bucket(s3_endpoint, "fenced-lake")
+    lake = S3Lake("s3a://fenced-lake/star", S3Access(S3_REGION, s3_endpoint, S3_KEY, S3_SECRET))
+    with lake.lock({"run_id": "R-first", "pid": 1, "host": "elsewhere", "started_at": "then"}, 300) as first:
+        first.check("journal")  # still held: nothing raised
+        # Another run, after this one was paused past the stale time, took the lock over.
+        lake.write_json("_lock", {"run_id": "R-second", "pid": 2, "host": "elsewhere", "refreshed_at": utc_now()})
+        with pytest.raises(
+            LockLost, match=r"no longer holds the lock on s3a://fenced-lake/star: another run took it over"
+        ):
+            first.check("commit songs")
+    # Leaving does not delete the lock that is now the other run's.
+    assert lake.read_json("_lock")["run_id"] == "R-second"
+
+
+@pytest.mark.slow
+def test_a_run_paused_past_the_stale_time_changes_nothing_once_another_took_over(spark, s3_endpoint, tmp_path):
+    """Run A is stopped (SIGSTOP, driver and JVM) once it holds the lock, for longer than the
+    stale time; run B takes the lock over and loads; A, resumed, stops before any change."""
+    dataset = tmp_path / "input"
+    datagen.generate(dataset, datagen.Scale(songs=40, days=2, events_per_day=40), seed=41)
+    create_bucket(s3_endpoint, "paused-raw")
+    upload(s3_endpoint, dataset, "paused-raw")
+    config = tmp_path / "dl.cfg"
+    config.write_text("[ETL]\nLOCK_STALE_SECONDS = 5\n")
+    args = ["--config", str(config), "--input", "s3a://paused-raw/", "--output", "s3a://paused-lake/star"]
+    first = subprocess.Popen(
+        [sys.executable, str(REPO / "etl.py"), *args],
+        env={**os.environ, **s3_environment(s3_endpoint)},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+    )
+    deadline = time.monotonic() + 120
+    while not any(key.endswith(".json") for key in keys_or_none(s3_endpoint, "paused-lake", "star/_runs/")):
+        assert first.poll() is None and time.monotonic() < deadline, "run A never took the lock"
+        time.sleep(0.05)
+    os.killpg(first.pid, signal.SIGSTOP)  # holds the lock, has changed nothing yet
+    try:
+        time.sleep(8)  # past the stale time, by S3's clock too
+        second = run_etl(*args, env=s3_environment(s3_endpoint))
+        assert_loaded(second)
+        assert "taking over the lock of a run that died" in second.stderr
+        after_second = {key: etag for key, etag in etags(s3_endpoint, "paused-lake", "star/") if "/_runs/" not in key}
+    finally:
+        os.killpg(first.pid, signal.SIGCONT)
+    _, stderr = first.communicate(timeout=600)
+    assert first.returncode == 1, stderr[-3000:]
+    assert "This run no longer holds the lock on s3a://paused-lake/star" in stderr
+    assert "changed nothing more" in stderr
+    assert {
+        key: etag for key, etag in etags(s3_endpoint, "paused-lake", "star/") if "/_runs/" not in key
+    } == after_second
+    lake = download(s3_endpoint, "paused-lake", "star/", tmp_path / "lake")
+    expected, _, _ = expected_tables(dataset)
+    assert read_tables(spark, lake) == expected
+    assert sorted(report["status"] for report in run_reports(lake)) == ["failed", "succeeded"]
+
+
+@pytest.mark.slow
+def test_an_s3_load_interrupted_after_some_commits_names_what_it_published(spark, s3_endpoint, tmp_path):
+    dataset = tmp_path / "input"
+    datagen.generate(dataset, datagen.Scale(songs=600, days=3, events_per_day=60), seed=43)
+    create_bucket(s3_endpoint, "interrupted-raw")
+    upload(s3_endpoint, dataset, "interrupted-raw")
+    args = ["--input", "s3a://interrupted-raw/", "--output", "s3a://interrupted-lake/star"]
+    assert_loaded(run_etl(*args, env=s3_environment(s3_endpoint)))
+    before = {key: etag for key, etag in etags(s3_endpoint, "interrupted-lake", "star/") if "/_runs/" not in key}
+    driver = subprocess.Popen(
+        [sys.executable, str(REPO / "etl.py"), *args],
+        env={**os.environ, **s3_environment(s3_endpoint)},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+    )
+    client, deadline = s3_client(s3_endpoint), time.monotonic() + 600
+    while True:  # until the journal records a table whose new files are committed
+        assert driver.poll() is None and time.monotonic() < deadline, "no table was committed before the run ended"
+        try:
+            journal = json.loads(client.get_object(Bucket="interrupted-lake", Key="star/_journal.json")["Body"].read())
+        except Exception:  # noqa: BLE001 - not written yet, or between two writes
+            journal = {}
+        tables = journal.get("tables") or ["_quarantine"]
+        committed = journal.get("committed") or any(done for *_, done in journal.get("replacing", []))
+        if not tables[0].startswith("_quarantine") and committed:
+            break
+        time.sleep(0.02)
+    os.kill(driver.pid, signal.SIGINT)  # as Ctrl-C in its terminal
+    _, stderr = driver.communicate(timeout=300)
+    assert driver.returncode == 130, stderr[-3000:]
+    report = run_reports(download(s3_endpoint, "interrupted-lake", "star/", tmp_path / "lake"))[-1]
+    published = report["published"]
+    assert published, report
+    assert f"etl.py: interrupted (Ctrl-C); this run had already published {', '.join(published)}; the other " in stderr
+    # Each table is whole: the published ones are new, every other one is as it was. (The
+    # committers' _SUCCESS marker, which each job removes when it starts, is no table data.)
+    after = {key: etag for key, etag in etags(s3_endpoint, "interrupted-lake", "star/") if "/_runs/" not in key}
+    for table in ("songplays", "users", "songs", "artists", "time"):
+        old, now = table_files(before, table), table_files(after, table)
+        if table in published:
+            assert now and not set(old.items()) & set(now.items()), table
+        else:
+            assert now == old, table
+    assert not any(key.startswith(("star/_staging/", "star/_journal")) for key in after)
+
+
+@pytest.mark.slow
+def test_a_magic_committer_load_killed_as_old_files_go_leaves_each_table_whole(spark, s3_endpoint, tmp_path):
+    """The kill lands the moment a table's old files start disappearing. Until the next run a
+    reader may see that one table's old and new files; the next run (here stopped by its
+    reject limit right after recovering) leaves every table previous or new; the one after
+    loads completely."""
+    dataset = tmp_path / "input"
+    datagen.generate(dataset, datagen.Scale(songs=600, days=3, events_per_day=60), seed=47, corrupt=True)
+    create_bucket(s3_endpoint, "magic-raw")
+    upload(s3_endpoint, dataset, "magic-raw")
+    config = tmp_path / "dl.cfg"
+    config.write_text("[SPARK]\nS3A_COMMITTER = magic\n")
+    args = [
+        "--config",
+        str(config),
+        "--input",
+        "s3a://magic-raw/",
+        "--output",
+        "s3a://magic-lake/star",
+        *BAD_DATA_ALLOWED,
+    ]
+    assert_loaded(run_etl(*args, env=s3_environment(s3_endpoint)))
+    before = dict(etags(s3_endpoint, "magic-lake", "star/"))
+    old = {table: table_files(before, table) for table in TABLES}
+    driver = subprocess.Popen(
+        [sys.executable, str(REPO / "etl.py"), *args],
+        env={**os.environ, **s3_environment(s3_endpoint)},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+    )
+    deadline = time.monotonic() + 600
+    while True:
+        assert driver.poll() is None and time.monotonic() < deadline, "no old file went before the run ended"
+        now = dict(etags(s3_endpoint, "magic-lake", "star/"))
+        if any(not set(files) <= set(now) for files in old.values()):
+            break
+        time.sleep(0.01)
+    os.killpg(driver.pid, signal.SIGKILL)
+    driver.wait()
+
+    def seen() -> dict[str, str]:
+        now = dict(etags(s3_endpoint, "magic-lake", "star/"))
+        verdict = {}
+        for table in TABLES:
+            files = table_files(now, table)
+            kept = set(files.items()) & set(old[table].items())
+            verdict[table] = "previous" if files == old[table] else "new" if not kept else "mixed"
+        return verdict
+
+    assert list(seen().values()).count("mixed") <= 1
+    stopped = run_etl(*args[:-2], "--max-reject-rate", "0", env=s3_environment(s3_endpoint))
+    assert stopped.returncode == 1 and "were quarantined, more than the 0.0% allowed" in stopped.stderr
+    assert set(seen().values()) <= {"previous", "new"}
+    assert_loaded(run_etl(*args, env=s3_environment(s3_endpoint)))
+    lake = download(s3_endpoint, "magic-lake", "star/", tmp_path / "lake")
+    expected, _, _ = expected_tables(dataset)
+    assert read_tables(spark, lake) == expected
+    assert not any(key.startswith(("star/_staging/", "star/_journal")) for key in all_keys(s3_endpoint, "magic-lake"))
+
+
+def table_files(etags_by_key: dict[str, str], table: str) -> dict[str, str]:
+    """A table's data files (not folder markers, not the committers' _SUCCESS)."""
+    return {
+        key: etag
+        for key, etag in etags_by_key.items()
+        if key.startswith(f"star/{table}/") and not key.endswith(("/", "/_SUCCESS"))
+    }
+
+
+def keys_or_none(endpoint: str, bucket: str, prefix: str) -> list[str]:
+    try:
+        return all_keys(endpoint, bucket, prefix)
+    except Exception:  # noqa: BLE001 - the bucket does not exist until run A creates it
+        return []
+
+
+def etags(endpoint: str, bucket: str, prefix: str) -> list[tuple[str, str]]:
+    pages = s3_client(endpoint).get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix)
+    return [(item["Key"], item["ETag"]) for page in pages for item in page.get("Contents", [])]
 
 
 def test_the_run_after_a_failed_s3_load_says_which_tables_it_had_replaced(tmp_path):

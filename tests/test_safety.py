@@ -11,7 +11,6 @@ import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -26,12 +25,12 @@ import etl
 from conftest import BAD_DATA_ALLOWED, NON_UTC_ZONE, REPO, assert_loaded, run_etl, run_in_session
 from oracle import expected_tables, read_inputs, tables_from
 from sparkify_etl.checks import CheckResult, enforce_quality_gate, key_checks, quality_gate
+from sparkify_etl.delta import current_state
 from sparkify_etl.errors import EtlError
 from sparkify_etl.extract import SourceBatch
 from sparkify_etl.inputs import InputFile, Inventory
-from sparkify_etl.locks import lock_is_stale
+from sparkify_etl.locks import lock_is_stale, this_machine
 from sparkify_etl.publish import recover
-from sparkify_etl.report import utc_now
 from sparkify_etl.storage import LocalLake
 from sparkify_etl.tables import spec_of
 from sparkify_etl.transforms import songs_table
@@ -235,7 +234,7 @@ def test_a_second_run_on_the_same_output_is_refused_and_names_the_first(spark, q
     output = copy_of(loaded_lake, tmp_path)
     before = lake_snapshot(output)
     holder = {"run_id": "20260101T000000Z-abcdef", "pid": 4242, "host": "worker-7", "started_at": "2026-01-01T00:00:00"}
-    with LocalLake(str(output)).lock(holder):
+    with LocalLake(str(output)).lock(holder, 300):
         status, _, err = run_quietly(spark, "--input", str(quirky_dataset), "--output", str(output), *BAD_DATA_ALLOWED)
     assert status == 1
     assert (
@@ -248,22 +247,25 @@ def test_a_second_run_on_the_same_output_is_refused_and_names_the_first(spark, q
 def test_a_lock_left_by_a_dead_run_does_not_block_the_next(tmp_path):
     lock = tmp_path / "_lock"
     lock.write_text(json.dumps({"run_id": "dead", "pid": 999999, "host": "here", "started_at": "then"}))
-    with LocalLake(str(tmp_path)).lock({"run_id": "next", "pid": os.getpid(), "host": "here", "started_at": "now"}):
+    with LocalLake(str(tmp_path)).lock(
+        {"run_id": "next", "pid": os.getpid(), "host": "here", "started_at": "now"}, 300
+    ):
         assert json.loads(lock.read_text())["run_id"] == "next"
 
 
-def test_a_stale_s3_lock_is_recognised():
-    fresh = json.dumps({"host": "elsewhere", "pid": 1, "refreshed_at": utc_now()})
-    old = json.dumps({"host": "elsewhere", "pid": 1, "refreshed_at": "2020-01-01T00:00:00+00:00"})
-    dead_here = json.dumps({"host": socket.gethostname(), "pid": 999999, "refreshed_at": utc_now()})
-    alive_here = json.dumps({"host": socket.gethostname(), "pid": os.getpid(), "refreshed_at": utc_now()})
-    assert [lock_is_stale(text, 300) for text in (fresh, old, dead_here, alive_here, "garbage")] == [
-        False,
-        True,
-        True,
-        False,
-        True,
+def test_a_stale_s3_lock_is_recognised_by_its_age_or_a_dead_process_on_this_machine():
+    """(holder, age by S3's clock): a pid is trusted only on the same host, boot and PID namespace."""
+    here = this_machine()
+    cases = [
+        ({"pid": 1, "host": "elsewhere"}, 10, False),
+        ({"pid": 1, "host": "elsewhere"}, 301, True),
+        ({"pid": 999999, **here}, 10, True),
+        ({"pid": os.getpid(), **here}, 10, False),
+        ({"pid": 999999, **here, "pid_namespace": -1}, 10, False),  # same host name, another container
+        ({"pid": 999999, **here, "boot_id": "another boot"}, 10, False),
     ]
+    assert [lock_is_stale(json.dumps(holder), age, 300) for holder, age, _ in cases] == [stale for *_, stale in cases]
+    assert lock_is_stale("garbage", 0, 300)
 
 
 # --- signals and kills ------------------------------------------------------------------
@@ -425,11 +427,48 @@ def without_december(dataset: Path, target: Path) -> Path:
     return target
 
 
+def test_a_window_over_days_the_input_lacks_is_refused_and_changes_nothing(spark, two_months, full_load, tmp_path):
+    output = copy_of(full_load, tmp_path)
+    before = lake_snapshot(output)
+    november_only = without_december(two_months, tmp_path / "november-only")
+    status, _, err = run_quietly(spark, "--input", str(november_only), "--output", str(output), "--since", "2018-11-25")
+    assert status == 1
+    assert err.startswith(
+        "etl.py: The load window holds songplays on 19 days the input has no events for (2018-12-01, "
+        "2018-12-02, 2018-12-03, 2018-12-04, 2018-12-05 ...): replacing the window would delete them."
+    ), err
+    assert "--allow-removing-days" in err
+    assert lake_snapshot(output) == before
+
+
+def test_a_window_reports_the_rows_it_removes_and_adds_per_month(spark, two_months, full_load, tmp_path):
+    output = copy_of(full_load, tmp_path)
+    november_only = without_december(two_months, tmp_path / "november-only")
+    status, stdout, err = run_quietly(
+        spark, "--input", str(november_only), "--output", str(output), "--since", "2018-11-25", "--allow-removing-days"
+    )
+    assert status == 0, err
+    expected_full, _, _ = expected_tables(two_months)
+    december = sum(count for row, count in expected_full["songplays"].items() if row[-1] == 12)
+    assert run_reports(output)[-1]["months"] == {
+        "2018-11": {"removed": 0, "added": 0},  # the same plays, the same ids
+        "2018-12": {"removed": december, "added": 0},
+    }
+    assert f"songplays 2018-12: {december:,} rows removed, 0 added" in stdout
+
+
 def test_a_reload_that_leaves_a_month_without_plays_empties_that_month(spark, two_months, full_load, tmp_path):
     output = copy_of(full_load, tmp_path)
     november_only = without_december(two_months, tmp_path / "november-only")
     status, stdout, err = run_quietly(
-        spark, "--input", str(november_only), "--output", str(output), "--since", "2018-11-25"
+        spark,
+        "--input",
+        str(november_only),
+        "--output",
+        str(output),
+        "--since",
+        "2018-11-25",
+        "--allow-removing-days",
     )
     assert status == 0, err
     assert "(2 partitions)" in stdout
@@ -547,3 +586,40 @@ def test_incremental_windows_match_the_oracle_of_their_events(spark, two_months,
         if date(2018, 11, 20) <= datetime.fromtimestamp(e["ts"] / 1000, timezone.utc).date() < date(2018, 12, 5)
     ]
     assert read_tables(spark, output) == tables_from(songs, window)
+
+
+# --- the outcome told truthfully --------------------------------------------------------
+
+
+def test_a_failure_after_publishing_says_the_tables_are_published(
+    spark, monkeypatch, quirky_dataset, loaded_lake, tmp_path
+):
+    def catalog_down(*args):
+        raise EtlError("The metastore refused the connection.")
+
+    monkeypatch.setattr(etl, "register_tables", catalog_down)
+    output = copy_of(loaded_lake, tmp_path)
+    status, _, err = run_quietly(
+        spark, "--input", str(quirky_dataset), "--output", str(output), "--catalog", "sparkify", *BAD_DATA_ALLOWED
+    )
+    assert status == 1
+    tables = "artists, songplays, songs, time, users"
+    assert err == (
+        f"etl.py: The metastore refused the connection. This run had published {tables} before it failed: "
+        "those tables are this run's.\n"
+    )
+    report = run_reports(output)[-1]
+    assert report["status"] == "failed" and report["published"] == tables.split(", ") and report["published_at"]
+    expected, _, _ = expected_tables(quirky_dataset)
+    assert read_tables(spark, output) == expected
+
+
+def test_a_run_that_published_all_its_tables_counts_for_history_even_if_it_then_failed(tmp_path):
+    lake = LocalLake(str(tmp_path))
+    earlier = {"run_id": "R1", "started_at": "2026-01-01", "status": "succeeded", "versions": {"songs": 1}}
+    published = {"run_id": "R2", "started_at": "2026-01-02", "status": "failed", "versions": {"songs": 2}}
+    published["published_at"] = "2026-01-02T00:10:00+00:00"
+    unpublished = {"run_id": "R3", "started_at": "2026-01-03", "status": "failed", "versions": {"songs": 3}}
+    for report in (earlier, published, unpublished):
+        lake.write_json(f"_runs/{report['run_id']}.json", report)
+    assert current_state(lake)["run_id"] == "R2"
