@@ -28,7 +28,7 @@ import signal
 import sys
 import threading
 from collections.abc import Callable, Sequence
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor, wait
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -405,6 +405,7 @@ def publish_tables(run: Run, writes: Sequence[Write], rows: dict[str, int]) -> d
     """
     publisher = publisher_for(run, writes)
     pool = ThreadPoolExecutor(max_workers=len(writes))
+    done = {}
     try:
         done = {w.spec.name: pool.submit(publisher.write, w, rows.get(w.spec.name, 1)) for w in writes}
         written = {name: future.result() for name, future in done.items()}
@@ -414,9 +415,13 @@ def publish_tables(run: Run, writes: Sequence[Write], rows: dict[str, int]) -> d
         run.report.published_at = utc_now()
     except BaseException:
         # No writer may still be committing while the abort repairs the lake: stop them at
-        # their next step, then wait for all of them (a second Ctrl-C leaves it to the next run).
+        # their next step, cancel any Spark job one started meanwhile, and wait for all of
+        # them (a second Ctrl-C leaves the repair to the next run).
         publisher.stop()
-        pool.shutdown(wait=True, cancel_futures=True)
+        pool.shutdown(wait=False, cancel_futures=True)
+        while not all(future.done() for future in done.values()):
+            run.spark.sparkContext.cancelAllJobs()
+            wait(list(done.values()), timeout=0.5)
         try:
             publisher.abort()
         except Exception as error:  # noqa: BLE001 - the first failure is the one to report

@@ -15,10 +15,12 @@ Local roots (``LocalRenames``), the steps of ``publish``:
   commit         the journal removed: the new set is the lake's
   clean          the run's staging folder, now holding only the previous folders, deleted
 
-S3 through the staging committer (``S3Commits``): no rename exists, so each table is
-replaced in place when its Spark job commits. The journal names every table before the
-first job; each commit is added to it; ``commit`` removes it. A reader sees each table
-previous or new, never absent.
+S3, whatever the committer (``S3Commits``): no rename exists, so each folder's new files are
+added beside the old ones, and the old ones deleted once the commit is journaled; a folder
+cut off before that is rolled back, after it rolled forward. A reader sees each table
+previous or new, never absent (both, for the seconds between a commit and its clean-up).
+
+Delta has its own publisher (delta.DeltaPublisher), with the same journal and step hook.
 
 Every step is announced to ``on_step`` before it runs, so the tests can stop a run at any
 of them; ``on_step`` is a no-op in real runs.
@@ -279,9 +281,9 @@ class S3Commits(ParquetPublisher):
     """S3, whatever the committer: new files added beside the old, the old deleted after.
 
     Per folder (a table, or one month of it): ``journal`` (its old objects listed into a
-    manifest under ``_staging/<run>/``, the folder named in the journal), ``commit`` (Spark appends the
-    new files; the committer makes them visible when the job commits), ``journal`` (the
-    commit recorded), ``clean`` (the old objects and the manifest deleted). Nothing is ever
+    manifest under ``_staging/<run>/``, the folder named in the journal), ``commit`` (Spark
+    appends the new files; the committer makes them visible when the job commits),
+    ``journal … committed``, ``clean`` (the old objects and the manifest deleted). Nothing is ever
     deleted before its replacement is committed. A folder cut off before its commit was
     journaled is rolled back (this run's new files deleted), one after it rolled forward
     (the old ones deleted), by the run's own abort or by the next run. Between a folder's
@@ -294,8 +296,7 @@ class S3Commits(ParquetPublisher):
     def __init__(self, lake: S3Lake, output: SparkOutput, run_id: str, tables: tuple[str, ...], on_step=no_fault):
         super().__init__(lake, output, run_id, on_step)
         self.tables = tables
-        self.replacing: dict[str, Replacement] = {}
-        self.folders: dict[str, list[str]] = {}  # table -> its folders this run replaced
+        self.replacing: dict[str, Replacement] = {}  # folders whose old objects are not deleted yet
         self.on_step("journal")
         self._journal()
 
@@ -313,10 +314,10 @@ class S3Commits(ParquetPublisher):
         """Replace the folder ``relative`` with what ``save(relative)`` writes (nothing, for None)."""
         old = [key for key in self.lake.keys_under(relative) if not _written_by_every_job(key)]
         manifest = f"{staging_folder(self.run_id)}/{relative}.old.json"
+        self._step(f"journal {relative}")
         self.lake.write_json(manifest, old)
         with self._journal_lock:
             self.replacing[relative] = Replacement(relative, manifest, committed=save is None)
-            self._step(f"journal {relative}")
             self._journal()
         if save is not None:
             self._step(f"commit {relative}")
@@ -358,14 +359,24 @@ def _written_by_every_job(key: str) -> bool:
     return key.rsplit("/", 1)[-1] == "_SUCCESS"
 
 
+def _manifest(lake: S3Lake, replacement: Replacement) -> list[str] | None:
+    """The folder's old objects; None once its roll forward or back finished (the manifest
+    is the last thing either deletes), so a finished folder is never touched again."""
+    text = lake.read_text(replacement.manifest)
+    return None if text is None else json.loads(text)
+
+
 def _roll_forward(lake: S3Lake, replacement: Replacement, old: list[str] | None = None) -> None:
-    if old is None:
-        old = json.loads(lake.read_text(replacement.manifest) or "[]")
-    lake.delete_keys([*old, replacement.manifest])
+    old = old if old is not None else _manifest(lake, replacement)
+    if old is not None:
+        lake.delete_keys([*old, replacement.manifest])
 
 
 def _roll_back(lake: S3Lake, replacement: Replacement) -> None:
-    old = set(json.loads(lake.read_text(replacement.manifest) or "[]"))
+    listed = _manifest(lake, replacement)
+    if listed is None:
+        return
+    old = set(listed)
     lake.abort_uploads(replacement.folder)
     new = [key for key in lake.keys_under(replacement.folder) if key not in old and not _written_by_every_job(key)]
     lake.delete_keys([*new, replacement.manifest])

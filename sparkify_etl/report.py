@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
 import os
@@ -97,8 +96,11 @@ class RunReport:
                 json.dumps({"dataset": dataset, "path": path, "read": False, "reason": reason})
                 for path, reason in inventory.skipped
             ]
-        with contextlib.suppress(Exception):
-            lake.write_text(f"_runs/{self.run_id}.files.jsonl", "\n".join(lines) + "\n")
+        location = f"_runs/{self.run_id}.files.jsonl"
+        try:
+            lake.write_text(location, "\n".join(lines) + "\n")
+        except Exception as error:  # noqa: BLE001 - the run's own result matters more
+            log.warning("could not write the file list %s: %s", lake.display(location), one_line(error))
 
 
 def summary(report: RunReport, lake: Lake) -> str:

@@ -6,6 +6,7 @@ import contextlib
 import json
 import os
 import shutil
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -108,7 +109,7 @@ class LocalLake(Lake):
         if os.path.commonpath([os.path.realpath(target.parent), root]) != root:
             raise EtlError(f"Refusing to delete {target}: a symlink on its way leads outside the output {self.root}.")
         if target.is_dir() and not target.is_symlink():
-            shutil.rmtree(target)
+            _remove_tree(target)
         else:
             with contextlib.suppress(FileNotFoundError):
                 target.unlink()
@@ -139,6 +140,22 @@ class LocalLake(Lake):
                 f"Cannot write to the output {self.root}: {error.strerror}. Choose a folder you can "
                 "write to (--output or [ETL] OUTPUT)."
             ) from None
+
+
+def _remove_tree(folder: Path) -> None:
+    """``rmtree``, where files a just-cancelled Spark task still writes or removes may come
+    and go meanwhile: a file already gone is fine, and the tree is removed until it stays gone."""
+
+    def gone_already(function, path, error) -> None:
+        if not isinstance(error[1], FileNotFoundError):
+            raise error[1]
+
+    for attempt in range(5):
+        shutil.rmtree(folder, onerror=gone_already)
+        if not folder.exists():
+            return
+        time.sleep(0.2 * (attempt + 1))
+    shutil.rmtree(folder)
 
 
 class S3Lake(Lake):

@@ -1,21 +1,20 @@
-"""Every step of a Spark-backed publisher faulted, on tiny tables, in one JVM:
+"""Every step of the Delta publisher faulted, on two tiny tables, in one JVM:
 
-    python tests/publish_faults.py BACKEND ROOT RESULTS.json
+    python tests/publish_faults.py FOLDER RESULTS.json
 
-BACKEND is ``delta`` (Delta tables under ROOT, a local folder or an s3a:// prefix) or
-``s3-parquet`` (parquet through the S3A staging committer). For each step of a load that
-replaces set A with set B, and for each fault (an exception, a KeyboardInterrupt, and a stop
-with no cleanup at all, which is what a kill leaves), the run's own abort runs (not after a
-stop), then the next run recovers and stops at its gate, then a third run loads set C. Faults
-during the abort and during recovery are enumerated too. What each reader would have seen
-after every stage goes to RESULTS.json, which test_publishing_spark.py checks.
+For each step of a load that replaces set A with set B, and each fault (an exception, a
+KeyboardInterrupt, and a stop with no cleanup at all, which is what a kill leaves), the run's
+own abort runs (not after a stop), then the next run recovers and stops at its gate, then a
+third run loads set C. A second fault at every step of the abort, and faults at every step of
+recovery, are enumerated too. Which
+set a reader sees after every stage (read by delta-rs, independently of Spark) goes to
+RESULTS.json, which test_publishing_spark.py checks.
 """
 
 from __future__ import annotations
 
 import contextlib
 import json
-import os
 import shutil
 import sys
 from collections.abc import Callable
@@ -25,9 +24,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from sparkify_etl.delta import DeltaPublisher, configure_delta, delta_recovery
-from sparkify_etl.publish import S3Commits, recover
+from sparkify_etl.publish import recover
 from sparkify_etl.report import RunReport
-from sparkify_etl.s3 import bucket_and_key
 from sparkify_etl.s3a import configure_output
 from sparkify_etl.session import build_spark_session
 from sparkify_etl.settings import Settings
@@ -55,20 +53,13 @@ def rows(version: str) -> dict[str, list[tuple]]:
 
 
 class Harness:
-    def __init__(self, backend: str, root: str):
-        self.backend, self.root = backend, root
-        self.settings = Settings(
-            input_root="/unused",
-            output_root=root,
-            format="delta" if backend == "delta" else "parquet",
-            access_key_id=os.environ.get("AWS_ACCESS_KEY_ID"),
-            secret_access_key=os.environ.get("AWS_SECRET_ACCESS_KEY"),
-            region=os.environ.get("AWS_REGION"),
-            endpoint_url=os.environ.get("AWS_ENDPOINT_URL_S3"),
-        )
+    def __init__(self, root: str):
+        self.root = root
+        self.settings = Settings(input_root="/unused", output_root=root, format="delta")
         self.spark = build_spark_session(self.settings, verbose=False)
-        if self.settings.format == "delta":
-            configure_delta(self.spark, self.settings.retain_days)
+        configure_delta(self.spark, self.settings.retain_days)
+        # Two rows a table: one task a write, not one per core.
+        self.spark.conf.set("spark.sql.shuffle.partitions", "1")
         self._base: str | None = None  # the lake holding set A, copied for each case
         self.fresh("base", "A")  # loaded once, never changed afterwards
 
@@ -85,12 +76,10 @@ class Harness:
             self.load(base, lambda step: None)
             self._base = self.settings.output_root
         else:
-            _copy_lake(self._base, self.settings.output_root, self.settings)
+            _copy_lake(self._base, self.settings.output_root)
 
-    def publisher(self, report: RunReport, on_step: Callable[[str], None]):
-        if self.backend == "delta":
-            return DeltaPublisher(self.spark, self.lake, self.output, report, 7, on_step)
-        return S3Commits(self.lake, self.output, report.run_id, tuple(spec.name for spec in TABLES), on_step)
+    def publisher(self, report: RunReport, on_step: Callable[[str], None]) -> DeltaPublisher:
+        return DeltaPublisher(self.spark, self.lake, self.output, report, 7, on_step)
 
     def load(self, version: str, on_step: Callable[[str], None]) -> None:
         """What etl.py does once its gate passed: write, publish, abort on any failure."""
@@ -110,41 +99,29 @@ class Harness:
             raise
 
     def recover(self, on_step: Callable[[str], None]) -> list[str]:
-        restore = delta_recovery(self.spark, self.lake, self.output) if self.backend == "delta" else None
-        return recover(self.lake, restore, on_step)
+        return recover(self.lake, delta_recovery(self.spark, self.lake, self.output), on_step)
 
     def seen(self) -> dict[str, str | None]:
         """Which set each table holds for a reader: "A", "B", "C", None (no table) or "mixed"."""
+        from deltalake import DeltaTable
+        from deltalake.exceptions import TableNotFoundError
+
         found = {}
         for spec in TABLES:
-            uri = self.output.uri(spec.name)
             try:
-                reader = (
-                    self.spark.read.format("delta")
-                    if self.backend == "delta"
-                    else self.spark.read.schema(spec.schema).format("parquet")
-                )
-                keys = sorted(str(row[0]) for row in reader.load(uri).select(spec.key).collect())
-            except Exception:  # noqa: BLE001 - no table there
+                table = DeltaTable(f"{self.settings.output_root}/{spec.name}").to_pyarrow_table()
+            except TableNotFoundError:
                 found[spec.name] = None
                 continue
+            keys = sorted(str(key) for key in table.column(spec.key).to_pylist())
             versions = {version for version in "ABC" if keys == sorted(str(r[0]) for r in rows(version)[spec.name])}
             found[spec.name] = versions.pop() if versions else "mixed"
         return found
 
 
-def _copy_lake(source: str, target: str, settings: Settings) -> None:
+def _copy_lake(source: str, target: str) -> None:
     """Every file of a tiny lake, copied (Delta logs name their files relative to the table)."""
-    if not source.startswith("s3"):
-        shutil.copytree(source, target, dirs_exist_ok=True)
-        return
-    client = settings.s3().client()
-    bucket, prefix = bucket_and_key(source + "/")
-    _, target_prefix = bucket_and_key(target + "/")
-    for page in client.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix):
-        for item in page.get("Contents", []):
-            key = target_prefix + item["Key"][len(prefix) :]
-            client.copy_object(Bucket=bucket, Key=key, CopySource={"Bucket": bucket, "Key": item["Key"]})
+    shutil.copytree(source, target, dirs_exist_ok=True)
 
 
 def fault_at(index: int, fault: type[BaseException], then: Callable[[str], None] | None = None):
@@ -160,8 +137,8 @@ def fault_at(index: int, fault: type[BaseException], then: Callable[[str], None]
     return on_step
 
 
-def main(backend: str, root: str, target: str) -> int:
-    harness = Harness(backend, root)
+def main(root: str, target: str) -> int:
+    harness = Harness(root)
     results: list[dict] = []
 
     def record(case: str, **stages) -> None:
@@ -188,7 +165,9 @@ def main(backend: str, root: str, target: str) -> int:
             with contextlib.suppress(Injected, KeyboardInterrupt, Stopped):
                 harness.load("B", fault_at(index, fault, then=abort_steps.append if fault is Injected else None))
             then_repair(f"{fault.__name__} before {step}")
-        for later, abort_step in enumerate(abort_steps):
+        # The abort after the last step restores every table: a second fault at each of its
+        # steps covers every step an abort has (the same restore recovery runs, faulted below).
+        for later, abort_step in enumerate(abort_steps if index == len(steps) - 1 else []):
             harness.fresh(f"a{index}-{later}", "A")
             with contextlib.suppress(Injected):
                 harness.load("B", fault_at(index, Injected, then=fault_at(later, Injected)))

@@ -211,6 +211,7 @@ def test_halves_a_second_load_and_a_rollback(two_months, november, root, tmp_pat
 
 @needs_delta
 @pytest.mark.slow
+@pytest.mark.parametrize("root", ["s3"], indirect=True)  # every step, locally: test_publishing_spark.py
 def test_a_run_killed_between_table_commits_is_undone_by_the_next(two_months, november, root, tmp_path):
     output, env, fetch = root
     assert_loaded(run_etl("--input", str(two_months), "--output", output, "--format", "delta", env=env))

@@ -162,7 +162,14 @@ def test_summary_reports_rows_per_table_and_stage_seconds(quirky_dataset, two_ru
 
 def test_the_lake_holds_only_tables_and_underscore_folders(two_runs):
     output, _ = two_runs[0]
-    assert sorted(os.listdir(output)) == ["_lock", "_quarantine", "_runs", "_state", *sorted(TABLES)]
+    assert sorted(os.listdir(output)) == [
+        "_lock",
+        "_quarantine",
+        "_runs",
+        "_sparkify_lake.json",
+        "_state",
+        *sorted(TABLES),
+    ]
     assert not [path for path in output.rglob("*") if "_temporary" in path.name or path.name == "_staging"]
 
 
@@ -184,6 +191,7 @@ def test_a_clone_in_a_folder_with_spaces_and_accents_writes_where_it_is_told(spa
     clone = tmp_path / "My Projects" / "spärkify dätä"
     clone.mkdir(parents=True)
     shutil.copy(REPO / "etl.py", clone / "etl.py")
+    shutil.copytree(REPO / "sparkify_etl", clone / "sparkify_etl", ignore=shutil.ignore_patterns("__pycache__"))
     shutil.copytree(REPO / "data", clone / "data")
     output = tmp_path / "lake folder é" / "out "
     result = run_etl("--output", str(output), cwd=clone, env={"PYTHONPATH": ""}, script=clone / "etl.py")

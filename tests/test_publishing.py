@@ -276,3 +276,158 @@ def test_deletes_never_follow_a_symlink_out_of_the_output(tmp_path):
     with pytest.raises(Exception, match="a symlink on its way leads outside the output"):
         recover(lake)
     assert (outside / "R" / "keep.txt").read_text() == "keep"
+
+
+# --- S3: the same enumeration for S3Commits, against S3Proxy ------------------------------
+# The protocol's steps need no Spark: a folder's new files are uploaded at its commit step,
+# as a committer makes them visible at job commit. (Spark's own commits on S3 are killed and
+# interrupted for real in test_s3.py.)
+
+S3_TABLES = ("songs", "users")
+
+
+class S3Harness:
+    def __init__(self, endpoint: str, bucket: str):
+        from conftest import S3_KEY, S3_REGION, S3_SECRET, create_bucket
+        from sparkify_etl.s3 import S3Access
+        from sparkify_etl.storage import S3Lake
+
+        create_bucket(endpoint, bucket)
+        self.access, self.bucket, self.S3Lake = S3Access(S3_REGION, endpoint, S3_KEY, S3_SECRET), bucket, S3Lake
+        self.client = self.access.client()
+
+    def lake(self, name: str, version: str | None = "A"):
+        lake = self.S3Lake(f"s3a://{self.bucket}/{name}", self.access)
+        if version is not None:
+            for table in S3_TABLES:
+                self.put(lake, f"{table}/part-{version}-0.parquet", version)
+                self.put(lake, f"{table}/part-{version}-1.parquet", version)
+        return lake
+
+    def put(self, lake, relative: str, text: str) -> None:
+        self.client.put_object(Bucket=self.bucket, Key=lake.key(relative), Body=text.encode())
+
+    def load(self, lake, version: str, on_step, run_id: str = RUN_ID) -> None:
+        """A load replacing every table with ``version``, aborted on any failure as etl.py does."""
+        from sparkify_etl.publish import S3Commits
+
+        publisher = S3Commits(lake, None, run_id, S3_TABLES, on_step)
+
+        def save(folder: str) -> None:
+            for index in range(2):
+                self.put(lake, f"{folder}/part-{version}-{index}.parquet", version)
+
+        try:
+            for table in S3_TABLES:
+                publisher.replace_folder(table, save)
+                publisher._written(table)
+            publisher.publish()
+        except Stopped_:
+            raise
+        except BaseException:
+            with contextlib.suppress(Injected, Stopped_):
+                publisher.abort()
+            raise
+
+    def seen(self, lake) -> dict[str, str | None]:
+        found = {}
+        for table in S3_TABLES:
+            keys = [key for key in lake.keys_under(table) if "/part-" in key]
+            versions = {lake.read_text(key) for key in keys}
+            found[table] = None if not versions else versions.pop() if len(versions) == 1 else "both"
+        return found
+
+
+class Stopped_(BaseException):
+    """The process stops here: nothing after it runs (a kill, for a driver without Spark)."""
+
+
+def s3_steps(harness: S3Harness) -> list[str]:
+    steps, on_step = recording()
+    lake = harness.lake("steps")
+    harness.load(lake, "B", on_step)
+    assert harness.seen(lake) == dict.fromkeys(S3_TABLES, "B")
+    return steps
+
+
+@pytest.fixture(scope="module")
+def s3_harness(s3_endpoint) -> S3Harness:
+    return S3Harness(s3_endpoint, "publishing-faults")
+
+
+S3_STEPS = (
+    ["journal"]
+    + [
+        step
+        for table in S3_TABLES
+        for step in (f"journal {table}", f"commit {table}", f"journal {table} committed", f"clean {table}")
+    ]
+    + ["commit"]
+)
+
+
+def test_an_s3_publish_has_the_documented_steps(s3_harness):
+    assert s3_steps(s3_harness) == S3_STEPS
+
+
+def assert_s3_repaired(harness: S3Harness, lake, after_fault: dict, run_id_next: str = NEXT_RUN_ID) -> None:
+    """The next run recovers: every table whole, those whose commit was journaled new; it names
+    them; the run after that loads completely."""
+    left = lake.read_text(JOURNAL) is not None
+    notes = recover(lake)
+    after = harness.seen(lake)
+    assert set(after.values()) <= {"A", "B"}, after
+    assert all(after[table] == "B" for table, seen in after_fault.items() if seen == "B"), (after_fault, after)
+    if left and "B" in after.values():  # the journal the failed run left names what it replaced
+        assert all(table in notes[0] for table, seen in after.items() if seen == "B"), notes
+    harness.load(lake, "C", lambda step: None, THIRD_RUN_ID)
+    assert harness.seen(lake) == dict.fromkeys(S3_TABLES, "C")
+    assert not lake.keys_under("_staging") and lake.read_text(JOURNAL) is None
+
+
+@pytest.mark.parametrize("fault", [Injected, KeyboardInterrupt, Stopped_])
+@pytest.mark.parametrize("index", range(len(S3_STEPS)))
+def test_an_s3_publish_faulted_at_any_step_leaves_every_table_whole(s3_harness, index, fault):
+    lake = s3_harness.lake(f"fault-{index}-{fault.__name__}")
+    with pytest.raises(fault):
+        s3_harness.load(lake, "B", fault_at(index, fault))
+    after_fault = s3_harness.seen(lake)
+    if fault is Stopped_:  # until the next run, a table being cleaned up shows both versions
+        assert None not in after_fault.values() and list(after_fault.values()).count("both") <= 1
+    else:  # the run's own abort made every table whole
+        assert set(after_fault.values()) <= {"A", "B"}, after_fault
+    assert_s3_repaired(s3_harness, lake, after_fault)
+
+
+@pytest.mark.parametrize("later", range(3))
+@pytest.mark.parametrize("index", range(1, len(S3_STEPS)))
+def test_an_s3_publish_faulted_again_during_its_abort_is_repaired_by_the_next_run(s3_harness, index, later):
+    lake = s3_harness.lake(f"abort-{index}-{later}")
+    with pytest.raises(Injected):
+        s3_harness.load(lake, "B", fault_at(index, Injected, then=fault_at(later, Injected)))
+    assert None not in s3_harness.seen(lake).values()
+    assert_s3_repaired(s3_harness, lake, s3_harness.seen(lake))
+
+
+def test_an_s3_recovery_has_the_steps_of_the_folders_it_finishes(s3_harness):
+    lake = s3_harness.lake("recovery-steps")
+    with pytest.raises(Stopped_):
+        s3_harness.load(lake, "B", fault_at(S3_STEPS.index("clean songs"), Stopped_))
+    steps, on_step = recording()
+    recover(lake, on_step=on_step)
+    assert steps == S3_RECOVERY_STEPS
+
+
+# Stopped while songs was between its commit and its clean-up, before users began.
+S3_RECOVERY_STEPS = ["clean songs", "commit"]
+
+
+@pytest.mark.parametrize("fault", [Injected, Stopped_])
+@pytest.mark.parametrize("recovery_index", range(len(S3_RECOVERY_STEPS)))
+def test_an_s3_recovery_faulted_at_any_step_is_repaired_by_the_run_after(s3_harness, recovery_index, fault):
+    lake = s3_harness.lake(f"recovery-{recovery_index}-{fault.__name__}")
+    with pytest.raises(Stopped_):
+        s3_harness.load(lake, "B", fault_at(S3_STEPS.index("clean songs"), Stopped_))
+    with pytest.raises(fault):
+        recover(lake, on_step=fault_at(recovery_index, fault))
+    assert_s3_repaired(s3_harness, lake, {"songs": "B", "users": "A"})
