@@ -66,9 +66,14 @@ def _refuse_switch(lake: Lake, found: str | None, table_format: str, switch_form
     if found is None or found == table_format:
         return
     if not switch_format:
+        switch = (
+            f"or --switch-format to replace every table with a full load in {table_format}"
+            if table_format == "parquet"
+            else "or load the Delta tables into a new output"
+        )
         raise UsageError(
             f"{lake.display()} holds {found} tables, and this run would write {table_format}. "
-            f"Pass --format {found}, or --switch-format to replace every table with a full load in {table_format}."
+            f"Pass --format {found}, {switch}."
         )
     if table_format == "delta":
         raise UsageError(

@@ -53,13 +53,15 @@ def test_a_lake_of_the_previous_release_is_adopted_in_its_format(tmp_path):
 def test_switching_formats_needs_asking_and_never_leaves_parquet_beside_delta(tmp_path):
     lake = LocalLake(str(tmp_path))
     claim_lake(lake, "parquet", switch_format=False)
-    with pytest.raises(UsageError, match="Pass --format parquet, or --switch-format"):
+    with pytest.raises(UsageError, match="Pass --format parquet, or load the Delta tables into a new output"):
         claim_lake(lake, "delta", switch_format=False)
     with pytest.raises(UsageError, match="parquet readers would count them twice"):
         claim_lake(lake, "delta", switch_format=True)
     assert json.loads((tmp_path / MARK).read_text())["format"] == "parquet"
 
     (tmp_path / MARK).write_text(json.dumps({"layout_version": 1, "format": "delta", "made_by": "sparkify-etl"}))
+    with pytest.raises(UsageError, match="Pass --format delta, or --switch-format to replace every table"):
+        claim_lake(lake, "parquet", switch_format=False)
     assert claim_lake(lake, "parquet", switch_format=True) == f"switched {tmp_path} from delta to parquet"
     assert json.loads((tmp_path / MARK).read_text())["format"] == "parquet"
 
