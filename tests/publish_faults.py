@@ -23,6 +23,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from publish_steps import fault_at
 from sparkify_etl.delta import DeltaPublisher, configure_delta, delta_recovery
 from sparkify_etl.publish import recover
 from sparkify_etl.report import RunReport
@@ -122,19 +123,6 @@ class Harness:
 def _copy_lake(source: str, target: str) -> None:
     """Every file of a tiny lake, copied (Delta logs name their files relative to the table)."""
     shutil.copytree(source, target, dirs_exist_ok=True)
-
-
-def fault_at(index: int, fault: type[BaseException], then: Callable[[str], None] | None = None):
-    seen: list[str] = []
-
-    def on_step(step: str) -> None:
-        seen.append(step)
-        if len(seen) - 1 == index:
-            raise fault(f"injected before {step}")
-        if then is not None and len(seen) - 1 > index:
-            then(step)
-
-    return on_step
 
 
 def main(root: str, target: str) -> int:

@@ -70,6 +70,20 @@ def live(root: Path) -> dict[str, str]:
     }
 
 
+def fault_at(index: int, fault: type[BaseException], then=None):
+    """An ``on_step`` raising ``fault`` before step ``index``, then ``then``'s faults, if given."""
+    seen = []
+
+    def on_step(step: str) -> None:
+        seen.append(step)
+        if len(seen) - 1 == index:
+            raise fault(f"injected before {step}")
+        if then is not None and len(seen) - 1 > index:
+            then(step)
+
+    return on_step
+
+
 def kill_at(index: int):
     seen = []
 

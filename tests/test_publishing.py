@@ -26,6 +26,7 @@ from publish_steps import (
     RUN_ID,
     THIRD_RUN_ID,
     build_lake,
+    fault_at,
     live,
     staged_publisher,
 )
@@ -72,20 +73,6 @@ def test_a_publish_has_the_documented_steps():
         "commit",
         "clean",
     ]
-
-
-def fault_at(index: int, fault: type[BaseException], then=None):
-    """An ``on_step`` raising ``fault`` before step ``index``, then ``then``'s faults, if given."""
-    seen = []
-
-    def on_step(step: str) -> None:
-        seen.append(step)
-        if len(seen) - 1 == index:
-            raise fault(f"injected before {step}")
-        if then is not None and len(seen) - 1 > index:
-            then(step)
-
-    return on_step
 
 
 def publish_as_a_run_does(lake: LocalLake, run_id: str, tables: dict[str, str], on_step) -> None:

@@ -343,14 +343,7 @@ def test_a_run_paused_past_the_stale_time_changes_nothing_once_another_took_over
     config = tmp_path / "dl.cfg"
     config.write_text("[ETL]\nLOCK_STALE_SECONDS = 5\n")
     args = ["--config", str(config), "--input", "s3a://paused-raw/", "--output", "s3a://paused-lake/star"]
-    first = subprocess.Popen(
-        [sys.executable, str(REPO / "etl.py"), *args],
-        env={**os.environ, **s3_environment(s3_endpoint)},
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        start_new_session=True,
-    )
+    first = start_etl(s3_endpoint, *args)
     deadline = time.monotonic() + 120
     while not any(key.endswith(".json") for key in keys_or_none(s3_endpoint, "paused-lake", "star/_runs/")):
         assert first.poll() is None and time.monotonic() < deadline, "run A never took the lock"
@@ -386,14 +379,7 @@ def test_an_s3_load_interrupted_after_some_commits_names_what_it_published(spark
     args = ["--input", "s3a://interrupted-raw/", "--output", "s3a://interrupted-lake/star"]
     assert_loaded(run_etl(*args, env=s3_environment(s3_endpoint)))
     before = {key: etag for key, etag in etags(s3_endpoint, "interrupted-lake", "star/") if "/_runs/" not in key}
-    driver = subprocess.Popen(
-        [sys.executable, str(REPO / "etl.py"), *args],
-        env={**os.environ, **s3_environment(s3_endpoint)},
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        start_new_session=True,
-    )
+    driver = start_etl(s3_endpoint, *args)
     client, deadline = s3_client(s3_endpoint), time.monotonic() + 600
     while True:  # until the journal records a table whose new files are committed
         assert driver.poll() is None and time.monotonic() < deadline, "no table was committed before the run ended"
@@ -449,14 +435,7 @@ def test_a_magic_committer_load_killed_as_old_files_go_leaves_each_table_whole(s
     assert_loaded(run_etl(*args, env=s3_environment(s3_endpoint)))
     before = dict(etags(s3_endpoint, "magic-lake", "star/"))
     old = {table: table_files(before, table) for table in TABLES}
-    driver = subprocess.Popen(
-        [sys.executable, str(REPO / "etl.py"), *args],
-        env={**os.environ, **s3_environment(s3_endpoint)},
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        start_new_session=True,
-    )
+    driver = start_etl(s3_endpoint, *args)
     deadline = time.monotonic() + 600
     while True:
         assert driver.poll() is None and time.monotonic() < deadline, "no old file went before the run ended"
@@ -489,6 +468,18 @@ def test_a_magic_committer_load_killed_as_old_files_go_leaves_each_table_whole(s
     expected, _, _ = expected_tables(dataset)
     assert read_tables(spark, lake) == expected
     assert not any(key.startswith(("star/_staging/", "star/_journal")) for key in all_keys(s3_endpoint, "magic-lake"))
+
+
+def start_etl(endpoint: str, *args: str) -> subprocess.Popen:
+    """``python etl.py ARGS`` on the S3 server, in the background, in its own process group."""
+    return subprocess.Popen(
+        [sys.executable, str(REPO / "etl.py"), *args],
+        env={**os.environ, **s3_environment(endpoint)},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+    )
 
 
 def table_files(etags_by_key: dict[str, str], table: str) -> dict[str, str]:
